@@ -1,0 +1,17 @@
+"""The errors lorad raises on purpose. Each carries one line a user can act on."""
+
+
+class LoradError(Exception):
+    """Base: any error whose message is meant for the user as it is."""
+
+
+class FormatError(LoradError):
+    """The input is not a LoRA lorad can read (truncated, hostile, pickle, not a LoRA...)."""
+
+
+class ReduceError(LoradError):
+    """The requested reduction cannot be done (bad parameter, unreachable budget...)."""
+
+
+class StoreError(LoradError):
+    """A store or database operation was refused (path outside watched folders, corrupt blob...)."""
