@@ -1,0 +1,56 @@
+"""The `lorad` command: one argparse tree; each command group lives in its own `_cli_*` module.
+
+Each `_cli_*` module exposes `register(subparsers)`, adding its commands with
+`parser.set_defaults(func=...)`; a command function takes the parsed args and returns an exit code.
+Errors the user can act on are `LoradError`s: printed as one line, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from lorad import __version__
+from lorad.errors import LoradError
+
+# Command groups, in the order `lorad --help` lists them. A group whose module is absent is skipped
+# so a partial install still serves the commands it has.
+_GROUPS = ("lorad._cli_reduce", "lorad._cli_daemon", "lorad._cli_client", "lorad._cli_db")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorad", description="Keep LoRA folders small: rank reduction with originals kept."
+    )
+    parser.add_argument("--version", action="version", version=f"lorad {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _GROUPS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except LoradError as e:
+        print(f"lorad: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lorad: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""The safetensors container itself: a validated header reader, a streaming writer and the hashes
+that loaders and Civitai compute over it.
+
+Layout: 8-byte little-endian header length N, N bytes of JSON ({name: {dtype, shape, data_offsets}}
+plus an optional "__metadata__" of str -> str), then the data section. Nothing here imports torch
+for reading, so the watcher can check completeness cheaply; nothing here ever unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorad.errors import FormatError
+
+# safetensors' own reader refuses headers over 100 MB; so do we, before reading them.
+MAX_HEADER_BYTES = 100_000_000
+LEGACY_HASH_OFFSET = 0x100000
+LEGACY_HASH_SIZE = 0x10000
+
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip container (.pt/.ckpt), which holds a pickle
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # offset within the data section
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Header:
+    path: Path
+    header_bytes: int  # N, the JSON length
+    file_bytes: int
+    tensors: dict[str, TensorEntry]  # in data-offset order
+    metadata: dict[str, str]
+
+    @property
+    def data_offset(self) -> int:
+        return 8 + self.header_bytes
+
+
+def _refuse_pickle(head: bytes, path: Path) -> None:
+    if head.startswith(_ZIP_MAGIC) or head[:2] in _PICKLE_MAGIC:
+        raise FormatError(
+            f"{path}: this is a pickle-based checkpoint (.ckpt/.pt), which can run code when loaded;"
+            " lorad never unpickles. Convert it to .safetensors with a tool you trust."
+        )
+
+
+def read_header(path: str | os.PathLike[str]) -> Header:
+    """Parse and validate a safetensors header without reading the data.
+
+    Raises FormatError with one clear line for: a pickle, a short or truncated file, an absurd or
+    oversized header, bad JSON, bad entries, overlapping or out-of-range offsets, or a data section
+    whose length does not match the file size (a partly written download).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            _refuse_pickle(head, path)
+            if len(head) < 8:
+                raise FormatError(f"{path}: not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise FormatError(
+                    f"{path}: safetensors header claims {n} bytes (limit {MAX_HEADER_BYTES}); "
+                    "not a safetensors file or a hostile one"
+                )
+            if 8 + n > size:
+                raise FormatError(
+                    f"{path}: truncated: header needs {8 + n} bytes, file has {size}"
+                )
+            raw = f.read(n)
+    except FormatError:
+        raise
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read: {e.strerror or e}") from e
+    return _parse_header(path, raw, size)
+
+
+def _parse_header(path: Path, raw: bytes, size: int) -> Header:
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: not a safetensors file (header is not JSON: {e})") from e
+    if not isinstance(doc, dict):
+        raise FormatError(f"{path}: not a safetensors file (header is not a JSON object)")
+    metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise FormatError(f"{path}: bad safetensors __metadata__ (must map strings to strings)")
+    entries = [_entry(path, name, spec) for name, spec in doc.items()]
+    entries.sort(key=lambda e: (e.start, e.end))
+    expected = 0
+    for e in entries:
+        if e.start != expected:
+            raise FormatError(f"{path}: tensor {e.name!r} data offsets overlap or leave a gap")
+        expected = e.end
+    data_len = size - 8 - len(raw)
+    if expected != data_len:
+        what = "truncated (still being written?)" if expected > data_len else "has trailing bytes"
+        raise FormatError(
+            f"{path}: {what}: tensors need {expected} data bytes, file holds {data_len}"
+        )
+    return Header(path, len(raw), size, {e.name: e for e in entries}, dict(metadata))
+
+
+def _entry(path: Path, name: str, spec: object) -> TensorEntry:
+    if not isinstance(spec, dict):
+        raise FormatError(f"{path}: bad header entry for {name!r}")
+    dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        raise FormatError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise FormatError(f"{path}: tensor {name!r} has a bad shape {shape!r}")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and o >= 0 for o in offsets)
+        and offsets[0] <= offsets[1]
+    ):
+        raise FormatError(f"{path}: tensor {name!r} has bad data_offsets {offsets!r}")
+    if math.prod(shape) * DTYPE_SIZES[dtype] != offsets[1] - offsets[0]:
+        raise FormatError(f"{path}: tensor {name!r}: shape {shape} and {dtype} disagree with its bytes")
+    return TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def is_complete(path: str | os.PathLike[str]) -> bool:
+    """True when the file is a whole, valid safetensors file (header parses, sizes match)."""
+    try:
+        read_header(path)
+    except FormatError:
+        return False
+    return True
+
+
+def read_raw(header: Header, name: str) -> bytes:
+    """The exact bytes of one tensor (for pass-through keys, copied bit for bit)."""
+    e = header.tensors[name]
+    with open(header.path, "rb") as f:
+        f.seek(header.data_offset + e.start)
+        data = f.read(e.nbytes)
+    if len(data) != e.nbytes:
+        raise FormatError(f"{header.path}: truncated while reading {name!r}")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A tensor ready to write: its safetensors dtype, shape and little-endian bytes."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes | memoryview
+
+
+def _header_json(tensors: dict[str, RawTensor], metadata: dict[str, str]) -> bytes:
+    doc: dict[str, object] = {}
+    if metadata:
+        doc["__metadata__"] = metadata
+    offset = 0
+    for name, t in tensors.items():
+        n = len(t.data)
+        doc[name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return raw + b" " * (-len(raw) % 8)  # pad so the data section starts 8-byte aligned
+
+
+def data_sha256(tensors: dict[str, RawTensor]) -> str:
+    """sha256 of the data section these tensors make, in this order (= sshs_model_hash / AutoV3)."""
+    h = hashlib.sha256()
+    for t in tensors.values():
+        h.update(t.data)
+    return h.hexdigest()
+
+
+def legacy_hash(header_and_data: Iterable[bytes | memoryview]) -> str:
+    """kohya/addnet `sshs_legacy_hash`: first 8 hex of sha256 of 64 KiB at offset 1 MiB."""
+    h = hashlib.sha256()
+    pos = 0
+    lo, hi = LEGACY_HASH_OFFSET, LEGACY_HASH_OFFSET + LEGACY_HASH_SIZE
+    for chunk in header_and_data:
+        n = len(chunk)
+        a, b = max(lo, pos), min(hi, pos + n)
+        if a < b:
+            h.update(memoryview(chunk)[a - pos : b - pos])
+        pos += n
+        if pos >= hi:
+            break
+    return h.hexdigest()[:8]
+
+
+def serialize(tensors: dict[str, RawTensor], metadata: dict[str, str]) -> Iterator[bytes | memoryview]:
+    """Yield the file's bytes: length, header, then each tensor's data in the given order."""
+    header = _header_json(tensors, metadata)
+    yield struct.pack("<Q", len(header)) + header
+    for t in tensors.values():
+        yield t.data
+
+
+def write_file(path: str | os.PathLike[str], tensors: dict[str, RawTensor], metadata: dict[str, str]) -> int:
+    """Write to `path` (the caller picks a temp name and renames) and fsync it; return its size."""
+    size = 0
+    with open(path, "wb") as f:
+        for chunk in serialize(tensors, metadata):
+            f.write(chunk)
+            size += len(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    return size
+
+
+# ---------------------------------------------------------------------------------------------
+# Hashes of a file on disk
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_data_sha256(path: str | os.PathLike[str], header: Header | None = None) -> str:
+    """sha256 of everything after the header: addnet / sshs_model_hash / Civitai AutoV3 (full)."""
+    header = header or read_header(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(header.data_offset)
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def civitai_hashes(path: str | os.PathLike[str], header: Header | None = None) -> dict[str, str]:
+    """The identities users look a LoRA up by: sha256, AutoV2 (10 hex), AutoV3 (12 hex), sshs."""
+    sha = file_sha256(path)
+    data = file_data_sha256(path, header)
+    return {"sha256": sha, "autov2": sha[:10], "autov3": data[:12], "addnet": data}
