@@ -1,0 +1,308 @@
+"""Reduce one LoRA: formats + reduce -> an output file and a Report. Used by the CLI and the worker.
+
+The flow: open (validate header, group modules, read scales) -> decompose same-shape modules in
+batches (exact factored SVD, on the GPU when there is one) -> choose ranks -> fold the scale and
+cast -> write beside the target and rename. Factors are streamed batch by batch; only the reduced
+output is held in memory.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorad.errors import ReduceError
+from lorad.formats import encode, writer
+from lorad.formats.lora import LoraSource, Module, Reader, most_common, open_lora
+from lorad.formats.safetensors_file import file_data_sha256, file_sha256
+from lorad.reduce import budget as budget_mod
+from lorad.reduce import metrics, select
+from lorad.reduce.project import random_projection
+from lorad.reduce.svd import factored_svd, singular_values
+from lorad.report import FileInfo, ModuleReport, Report
+
+Progress = Callable[[int, int], None]
+BATCH_BYTES = 256 << 20  # float32 factor bytes decomposed at once; bounds peak memory per batch
+HEADER_SLACK = 8192  # room for new metadata when a budget plans the file's size
+
+
+@dataclass(frozen=True)
+class ReduceSettings:
+    method: str
+    param: float | None = None
+    max_rank: int | None = None
+    budget_mb: float | None = None
+    device: str = "auto"
+    dtype: str | None = None  # output dtype (fp16, bf16, fp32); None keeps each tensor's own
+    kohya_compat: bool = False
+    seed: int = 0  # for `project` only
+
+    def validate(self) -> None:
+        select.validate(self.method, self.param, self.budget_mb)
+        if self.max_rank is not None and self.max_rank < 1:
+            raise ReduceError(f"--max-rank must be >= 1, got {self.max_rank}")
+        if self.dtype is not None and self.dtype not in encode.DTYPE_NAMES:
+            raise ReduceError(f"unknown --dtype {self.dtype!r}; choose fp16, bf16 or fp32")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ReduceError(f"unknown --device {self.device!r}; choose auto, cpu or cuda")
+        if self.kohya_compat and self.method in ("budget", "project"):
+            raise ReduceError(f"--kohya-compat has no meaning for method {self.method}")
+
+    @property
+    def tag(self) -> str:
+        """The part of the default output name that says how it was made: fro0.9, rank16, budget64mb."""
+        if self.method == "budget":
+            return f"budget{_num(self.budget_mb if self.budget_mb is not None else self.param)}mb"
+        return f"{self.method}{_num(self.param)}"
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None else (str(int(x)) if float(x).is_integer() else str(x))
+
+
+def default_output_path(src: Path, settings: ReduceSettings) -> Path:
+    if src.is_dir():
+        return src.with_name(f"{src.name}.{settings.tag}")
+    stem = src.name[: -len(".safetensors")] if src.name.endswith(".safetensors") else src.stem
+    return src.with_name(f"{stem}.{settings.tag}.safetensors")
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ReduceError("--device cuda asked for, but torch sees no CUDA device (a CPU build of torch?)")
+    return torch.device(requested)
+
+
+def plan_file(src: str | Path, settings: ReduceSettings, progress: Progress | None = None) -> Report:
+    """The choice `reduce_file` would make, from the spectra alone; nothing is written."""
+    return _run(Path(src), None, settings, progress)
+
+
+def reduce_file(
+    src: str | Path, dst: str | Path | None, settings: ReduceSettings, progress: Progress | None = None
+) -> Report:
+    """Reduce `src` into `dst` (default: beside the input, see default_output_path), atomically."""
+    src = Path(src)
+    dst = Path(dst) if dst is not None else default_output_path(src, settings)
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ReduceError(f"{dst}: the output would overwrite the input; choose another -o")
+    return _run(src, dst, settings, progress)
+
+
+def _run(src: Path, dst: Path | None, settings: ReduceSettings, progress: Progress | None) -> Report:
+    started = time.perf_counter()
+    settings.validate()
+    device = pick_device(settings.device)
+    source = open_lora(src)
+    if not source.reducible:
+        raise ReduceError(f"{src}: none of its {len(source.modules)} modules can be reduced "
+                          f"({source.modules[0].skip})")
+    input_info = FileInfo(str(src), file_sha256(source.weights), source.header.file_bytes, source.format,
+                          len(source.modules))
+    notes: list[str] = []
+    fixed = _ranks_for_budget(source, settings, device, notes) if settings.method == "budget" else None
+    enc = encode.choose_encoding(source, _reference_rank(source, settings))
+    job = _Job(source, settings, device, enc, fixed, progress)
+    if dst is None:
+        module_reports = job.plan()
+        output = None
+    else:
+        module_reports, outputs = job.reduce()
+        extra = {"lorad.source_autov3": _source_data_hash(source)}
+        provenance = writer.provenance_keys(input_info.sha256, settings.method, _param(settings), extra)
+        written = writer.write_lora(source, outputs, enc, dst, provenance)
+        output = FileInfo(str(written.path), file_sha256(written.weights), written.bytes)
+        if settings.method == "budget":
+            notes.append(_budget_note(written.bytes, settings))
+    reports = _in_file_order(source, module_reports)
+    return Report(input_info, output, settings.method, _param(settings), time.perf_counter() - started,
+                  str(device), reports, tuple(notes))
+
+
+def _param(settings: ReduceSettings) -> float | None:
+    if settings.method == "budget" and settings.budget_mb is not None:
+        return settings.budget_mb
+    return settings.param
+
+
+def _source_data_hash(source: LoraSource) -> str:
+    return file_data_sha256(source.weights, source.header)[:12]
+
+
+def _reference_rank(source: LoraSource, settings: ReduceSettings) -> int:
+    usual = most_common([m.rank for m in source.reducible], 1)
+    if settings.method in ("rank", "project"):
+        return max(1, min(int(settings.param or 1), usual, settings.max_rank or usual))
+    return usual
+
+
+def _in_file_order(source: LoraSource, reports: dict[str, ModuleReport]) -> tuple[ModuleReport, ...]:
+    return tuple(reports.get(m.name) or _skipped_report(source, m) for m in source.modules)
+
+
+def _skipped_report(source: LoraSource, m: Module) -> ModuleReport:
+    nbytes = sum(source.header.tensors[k].nbytes for k in m.keys.values())
+    params = sum(_numel(source.header.tensors[k].shape) for k in m.keys.values())
+    return ModuleReport(m.name, m.kind, m.rank, m.rank, 1.0, 1.0, 0.0, params, params, nbytes, nbytes, m.skip)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches of same-shape modules
+
+
+def _batches(source: LoraSource) -> Iterator[list[Module]]:
+    """Same (out, in, rank) modules together, each batch under BATCH_BYTES of float32 factors."""
+    groups: dict[tuple[int, int, int], list[Module]] = {}
+    for m in source.reducible:
+        groups.setdefault((m.out_features, m.in_features, m.rank), []).append(m)
+    for (out, inp, r), members in groups.items():
+        per = max(1, BATCH_BYTES // (4 * r * (out + inp)))
+        for i in range(0, len(members), per):
+            yield members[i : i + per]
+
+
+def _load(reader: Reader, batch: list[Module], device: torch.device) -> tuple[torch.Tensor, ...]:
+    ups, downs = zip(*(reader.factors(m) for m in batch))
+    dtype = torch.float64 if any(u.dtype == torch.float64 for u in ups) else torch.float32
+    up = torch.stack(ups).to(device=device, dtype=dtype)
+    down = torch.stack(downs).to(device=device, dtype=dtype)
+    scale = torch.tensor([m.scale for m in batch], dtype=dtype, device=device)
+    return up, down, scale
+
+
+def _ranks_for_budget(source: LoraSource, settings: ReduceSettings, device: torch.device,
+                      notes: list[str]) -> dict[str, int]:
+    """Pass 1 of `budget`: every module's spectrum, then one global allocation."""
+    target_mib = settings.budget_mb if settings.budget_mb is not None else float(settings.param or 0)
+    items, names = [], []
+    with Reader(source) as reader:
+        for batch in _batches(source):
+            up, down, scale = _load(reader, batch, device)
+            for m, s in zip(batch, singular_values(up, down, scale).cpu()):
+                itemsize = encode.output_dtype(m.dtype, settings.dtype).itemsize
+                cap = min(m.rank, s.numel(), settings.max_rank or m.rank)
+                items.append(budget_mod.BudgetItem(s, cap, (m.out_features + m.in_features) * itemsize))
+                names.append(m.name)
+    fixed = _fixed_bytes(source)
+    ranks = budget_mod.allocate(items, fixed, int(target_mib * budget_mod.MIB))
+    notes.append(f"budget: {len(items)} modules, {sum(ranks)} singular directions kept")
+    return dict(zip(names, ranks))
+
+
+def _fixed_bytes(source: LoraSource) -> int:
+    """Bytes a budget cannot shrink: header, pass-through tensors and one alpha per module."""
+    passthrough = sum(source.header.tensors[k].nbytes for k in source.passthrough)
+    return 8 + source.header.header_bytes + HEADER_SLACK + passthrough + 4 * len(source.reducible)
+
+
+def _budget_note(size: int, settings: ReduceSettings) -> str:
+    target = settings.budget_mb if settings.budget_mb is not None else settings.param
+    verdict = "met" if size <= target * budget_mod.MIB else "MISSED"
+    return f"budget {verdict}: {size / budget_mod.MIB:.3f} MiB written, target {target} MiB"
+
+
+class _Job:
+    """One file's reduction: per batch, decompose, choose ranks, fold, cast, measure."""
+
+    def __init__(self, source: LoraSource, settings: ReduceSettings, device: torch.device,
+                 enc: encode.Encoding, fixed_ranks: dict[str, int] | None, progress: Progress | None):
+        self.source, self.settings, self.device, self.enc = source, settings, device, enc
+        self.fixed_ranks, self.progress = fixed_ranks, progress
+        self.total, self.done = len(source.reducible), 0
+
+    def _tick(self) -> None:
+        self.done += 1
+        if self.progress:
+            self.progress(self.done, self.total)
+
+    def _rank(self, m: Module, S: torch.Tensor) -> int:
+        if self.fixed_ranks is not None:
+            return self.fixed_ranks[m.name]
+        s = self.settings
+        dense_len = min(m.out_features, m.in_features)
+        return select.select_rank(S, s.method, float(s.param or 0), m.rank, s.max_rank, s.kohya_compat, dense_len)
+
+    def plan(self) -> dict[str, ModuleReport]:
+        reports = {}
+        with Reader(self.source) as reader:
+            for batch in _batches(self.source):
+                up, down, scale = _load(reader, batch, self.device)
+                for m, S in zip(batch, singular_values(up, down, scale).cpu()):
+                    k = self._rank(m, S)
+                    fro, tail, total = metrics.truncation(S, k)
+                    reports[m.name] = self._report(m, k, metrics.Quality(fro, tail / total if total else 0.0))
+                    self._tick()
+        return reports
+
+    def reduce(self) -> tuple[dict[str, ModuleReport], dict[str, writer.ModuleOutput]]:
+        reports, outputs = {}, {}
+        with Reader(self.source) as reader:
+            for batch in _batches(self.source):
+                up, down, scale = _load(reader, batch, self.device)
+                if self.settings.method == "project":
+                    results = self._project(batch, up, down)
+                else:
+                    results = self._truncate(batch, factored_svd(up, down, scale))
+                for m, k, out_up, out_down, quality in results:
+                    outputs[m.name] = writer.ModuleOutput(m, k, out_up, out_down)
+                    reports[m.name] = self._report(m, k, quality)
+                    self._tick()
+        return reports, outputs
+
+    def _truncate(self, batch: list[Module], svd) -> Iterator[tuple]:
+        S_all = svd.S.cpu()
+        for g, m in enumerate(batch):
+            k = self._rank(m, S_all[g])
+            Uk, Sk, Vk = (t.cpu() for t in svd.truncate(g, k))
+            up_eff = Uk * Sk
+            out_up, out_down, up_back, down_back = self._encode(m, k, up_eff, Vk.T)
+            quality = metrics.svd_quality(S_all[g], k, Uk, Vk, up_back, down_back)
+            yield m, k, out_up, out_down, quality
+
+    def _project(self, batch: list[Module], up: torch.Tensor, down: torch.Tensor) -> Iterator[tuple]:
+        for g, m in enumerate(batch):
+            k = max(1, min(int(self.settings.param or 1), m.rank, self.settings.max_rank or m.rank))
+            gen = torch.Generator().manual_seed(self.settings.seed ^ zlib.crc32(m.name.encode()))
+            u, d = up[g].cpu(), down[g].cpu()
+            new_up, new_down = random_projection(u, d, m.scale, k, gen)
+            out_up, out_down, up_back, down_back = self._encode(m, k, new_up, new_down)
+            rel = metrics.exact_rel_error(m.scale * u, d, up_back, down_back)
+            # No spectrum ranks a projection; the norm it "retains" is the one its error leaves.
+            yield m, k, out_up, out_down, metrics.Quality(max(0.0, 1.0 - rel * rel) ** 0.5, rel)
+
+    def _encode(self, m: Module, k: int, up_eff: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Fold the loader's scale out of up, cast, and read back what the file will really hold."""
+        loader_scale = self.enc.loader_scale(k)
+        dtype = encode.output_dtype(m.dtype, self.settings.dtype)
+        out_up = (up_eff / loader_scale).to(dtype).contiguous()
+        out_down = down.to(dtype).contiguous()
+        up_back = out_up.to(up_eff.dtype) * loader_scale
+        down_back = out_down.to(down.dtype)
+        return out_up.reshape(m.up_shape(k)), out_down.reshape(m.down_shape(k)), up_back, down_back
+
+    def _report(self, m: Module, k: int, q: metrics.Quality) -> ModuleReport:
+        itemsize_in = torch.empty((), dtype=encode.output_dtype(m.dtype, None)).element_size()
+        itemsize_out = torch.empty((), dtype=encode.output_dtype(m.dtype, self.settings.dtype)).element_size()
+        return ModuleReport(
+            name=m.name, kind=m.kind, rank_in=m.rank, rank_out=k,
+            fro_retained=q.fro_retained, energy_retained=q.fro_retained**2, rel_error=q.rel_error,
+            params_in=m.params(), params_out=m.params(k),
+            bytes_in=m.params() * itemsize_in, bytes_out=m.params(k) * itemsize_out,
+        )  # fmt: skip
+
+
+__all__ = ["ReduceSettings", "default_output_path", "plan_file", "reduce_file"]

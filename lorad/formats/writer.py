@@ -1,0 +1,214 @@
+"""Write a reduced LoRA in its input's own format: same keys, new factors, honest metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorad import __version__
+from lorad._atomic import replacing
+from lorad.formats import detect
+from lorad.formats.encode import TORCH_TO_ST, Encoding
+from lorad.formats.lora import DIFFUSERS_METADATA_KEY, PEFT_CONFIG, PEFT_WEIGHTS, LoraSource, Module
+from lorad.formats.safetensors_file import (
+    RawTensor,
+    data_sha256,
+    legacy_hash,
+    read_raw,
+    serialize,
+    write_file,
+)
+
+_STALE_KEYS = (DIFFUSERS_METADATA_KEY, "sshs_model_hash", "sshs_legacy_hash")
+_LEGACY_PLACEHOLDER = "0" * 8
+
+
+@dataclass(frozen=True)
+class ModuleOutput:
+    module: Module
+    rank: int
+    up: torch.Tensor  # in the output dtype and layout, scale already folded
+    down: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Written:
+    path: Path  # the file or PEFT directory written
+    weights: Path  # its safetensors file
+    bytes: int  # of the safetensors file
+    data_sha256: str
+
+
+def raw(t: torch.Tensor) -> RawTensor:
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return RawTensor(TORCH_TO_ST[t.dtype], tuple(t.shape), flat.view(torch.uint8).numpy().data)
+
+
+def build_tensors(source: LoraSource, outputs: dict[str, ModuleOutput], enc: Encoding) -> dict[str, RawTensor]:
+    """Every output tensor in the input's key order; new alpha keys follow their module's down key."""
+    replaced: dict[str, RawTensor] = {}
+    added_after: dict[str, tuple[str, RawTensor]] = {}
+    for out in outputs.values():
+        keys = out.module.keys
+        replaced[keys["up"]] = raw(out.up)
+        replaced[keys["down"]] = raw(out.down)
+        if enc.alpha is None:
+            continue
+        alpha = raw(torch.tensor(enc.alpha, dtype=enc.alpha_dtype))
+        if "alpha" in keys:
+            replaced[keys["alpha"]] = alpha
+        elif enc.style == detect.ALPHA_KEYS:
+            added_after[keys["down"]] = (f"{out.module.name}.alpha", alpha)
+    tensors: dict[str, RawTensor] = {}
+    for key, entry in source.header.tensors.items():
+        tensors[key] = replaced.get(key) or RawTensor(entry.dtype, entry.shape, read_raw(source.header, key))
+        if key in added_after:
+            new_key, value = added_after[key]
+            tensors[new_key] = value
+    return tensors
+
+
+def build_metadata(
+    source: LoraSource, outputs: dict[str, ModuleOutput], enc: Encoding, provenance: dict[str, str]
+) -> dict[str, str]:
+    meta = {k: v for k, v in source.header.metadata.items() if k not in _STALE_KEYS}
+    ranks = [o.rank for o in outputs.values()]
+    kohya_like = source.format.startswith("kohya") or any(k.startswith("ss_") for k in meta)
+    if kohya_like and ranks:
+        _update_kohya(meta, ranks, outputs, enc, provenance)
+    if source.style == detect.DIFFUSERS_METADATA:
+        meta[DIFFUSERS_METADATA_KEY] = json.dumps(_diffusers_metadata(outputs, enc), sort_keys=True)
+        meta.setdefault("format", "pt")
+    meta.update(provenance)
+    return meta
+
+
+def _update_kohya(meta: dict[str, str], ranks: list[int], outputs: dict[str, ModuleOutput], enc: Encoding,
+                  provenance: dict[str, str]) -> None:
+    uniform = len(set(ranks)) == 1
+    meta["ss_network_dim"] = str(ranks[0]) if uniform else "Dynamic"
+    if enc.alpha is not None:
+        meta["ss_network_alpha"] = _number(enc.alpha)
+    conv = [o.rank for o in outputs.values() if o.module.kernel and o.module.kernel != (1, 1)]
+    if "ss_network_args" in meta and conv:
+        try:
+            args = json.loads(meta["ss_network_args"])
+        except json.JSONDecodeError:
+            args = None
+        if isinstance(args, dict) and "conv_dim" in args:
+            args["conv_dim"] = str(max(conv))
+            if enc.alpha is not None:
+                args["conv_alpha"] = _number(enc.alpha)
+            meta["ss_network_args"] = json.dumps(args)
+    comment = f"lorad {provenance['lorad.method']} {provenance['lorad.param']}: ranks {min(ranks)}-{max(ranks)}"
+    old = meta.get("ss_training_comment")
+    meta["ss_training_comment"] = f"{comment}; {old}" if old and old != "None" else comment
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _diffusers_metadata(outputs: dict[str, ModuleOutput], enc: Encoding) -> dict[str, object]:
+    """Minimal LoraConfig per component (r, lora_alpha, target_modules, rank_pattern, alpha_pattern).
+
+    Never the input's own metadata: a stale r or a newer PEFT's extra fields break loading.
+    """
+    by_prefix: dict[str, dict[str, int]] = {}
+    for out in outputs.values():
+        prefix = detect.diffusers_prefix(out.module.name)
+        path = out.module.name[len(prefix) + 1 :] if prefix else out.module.name
+        by_prefix.setdefault(prefix or "unet", {})[path] = out.rank
+    flat: dict[str, object] = {}
+    for prefix, ranks in sorted(by_prefix.items()):
+        flat.update({f"{prefix}.{k}": v for k, v in _peft_fields(ranks, enc).items()})
+    return flat
+
+
+def _peft_fields(ranks: dict[str, int], enc: Encoding) -> dict[str, object]:
+    common = Counter(ranks.values()).most_common(1)[0][0]
+    return {
+        "r": common,
+        "lora_alpha": enc.alpha,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {name: r for name, r in sorted(ranks.items()) if r != common},
+        "alpha_pattern": {},
+    }
+
+
+def provenance_keys(source_sha256: str, method: str, param: float | None, extra: dict[str, str]) -> dict[str, str]:
+    keys = {
+        "lorad.version": __version__,
+        "lorad.source_sha256": source_sha256,
+        "lorad.method": method,
+        "lorad.param": "" if param is None else _number(param),
+    }
+    keys.update(extra)
+    return keys
+
+
+def write_safetensors(path: Path, tensors: dict[str, RawTensor], meta: dict[str, str], hashes: bool) -> tuple[int, str]:
+    """Write (path is a temp name the caller renames); return (bytes, data sha256).
+
+    The data section's hash does not depend on the header, so sshs_model_hash can be written into
+    the header it describes. sshs_legacy_hash covers the final file's bytes at 1 MiB: it is
+    computed over the layout with a fixed-length placeholder, then filled in.
+    """
+    data_hash = data_sha256(tensors)
+    if hashes:
+        meta = dict(meta, sshs_model_hash=data_hash, sshs_legacy_hash=_LEGACY_PLACEHOLDER)
+        meta["sshs_legacy_hash"] = legacy_hash(serialize(tensors, meta))
+        if "modelspec.hash_sha256" in meta:
+            meta["modelspec.hash_sha256"] = "0x" + data_hash
+    return write_file(path, tensors, meta), data_hash
+
+
+def write_lora(
+    source: LoraSource,
+    outputs: dict[str, ModuleOutput],
+    enc: Encoding,
+    dst: Path,
+    provenance: dict[str, str],
+) -> Written:
+    tensors = build_tensors(source, outputs, enc)
+    meta = build_metadata(source, outputs, enc, provenance)
+    hashes = source.format != "peft"
+    if source.peft_config is None:
+        with replacing(dst) as tmp:
+            size, data_hash = write_safetensors(tmp, tensors, meta, hashes)
+        return Written(dst, dst, size, data_hash)
+    with replacing(dst) as tmp:
+        tmp.mkdir()
+        _copy_side_files(source.path, tmp)
+        size, data_hash = write_safetensors(tmp / PEFT_WEIGHTS, tensors, meta, hashes)
+        _write_json(tmp / PEFT_CONFIG, _peft_config(source, outputs, enc))
+    return Written(dst, dst / PEFT_WEIGHTS, size, data_hash)
+
+
+def _peft_config(source: LoraSource, outputs: dict[str, ModuleOutput], enc: Encoding) -> dict[str, object]:
+    ranks = {o.module.name.removeprefix("base_model.model."): o.rank for o in outputs.values()}
+    config = dict(source.peft_config or {})
+    config.update(_peft_fields(ranks, enc))
+    config["target_modules"] = source.peft_config.get("target_modules", config["target_modules"])
+    return config
+
+
+def _copy_side_files(src_dir: Path, dst_dir: Path) -> None:
+    for item in src_dir.iterdir():
+        if item.name in (PEFT_WEIGHTS, PEFT_CONFIG) or not item.is_file():
+            continue
+        shutil.copy2(item, dst_dir / item.name)
+
+
+def _write_json(path: Path, doc: object) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
