@@ -1,0 +1,399 @@
+"""Watching folders: events are hints, scans are truth, and a file is taken only once settled.
+
+A candidate `.safetensors` file is handed on (`on_settled`) only when all of these hold:
+  - a close-write or moved-to event, a poll or a scan saw it (a "created" event alone does not
+    count: it fires when writing starts);
+  - its (size, mtime_ns, inode) stayed unchanged for `settle_seconds`;
+  - no `.part`/`.crdownload`/`.aria2`/`.incomplete`/`.tmp` sibling exists (downloaders that
+    preallocate the full size make a stable size prove nothing);
+  - its safetensors header parses and the data length matches the file size.
+A reconcile scan runs at start, after an inotify overflow, when an observer thread died, and on
+request (the schedule, `lorad rescan`). Folders on network filesystems are polled. The caller's
+`ignore(path, signature)` keeps lorad from reacting to its own writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from lorad.config import WatchDir
+from lorad.formats.safetensors_file import is_complete
+from lorad.log import get_logger
+
+LORA_SUFFIX = ".safetensors"
+PARTIAL_SUFFIXES = (".part", ".crdownload", ".aria2", ".incomplete", ".tmp")
+# Filesystems that deliver no inotify events for changes made elsewhere: poll them.
+NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "afs",
+                        "lustre", "gpfs", "beegfs", "sshfs", "davfs", "virtiofs"})  # fmt: skip
+_WATCHDOG_OVERFLOW_LOGGER = "watchdog.observers.inotify_c"
+
+log = get_logger("lorad.watch")
+
+
+@dataclass(frozen=True)
+class Signature:
+    size: int
+    mtime_ns: int
+    inode: int
+
+
+def signature(path: Path) -> Signature | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return Signature(st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def is_candidate(path: Path) -> bool:
+    """A LoRA file we might take: `*.safetensors`, not hidden (temp names of lorad and others)."""
+    return path.name.endswith(LORA_SUFFIX) and not path.name.startswith(".")
+
+
+def partial_siblings(path: Path) -> list[Path]:
+    """Download-in-progress markers next to `path` (name.part and stem.part styles)."""
+    names = {path.name + s for s in PARTIAL_SUFFIXES} | {path.stem + s for s in PARTIAL_SUFFIXES}
+    return sorted(path.parent / n for n in names if (path.parent / n).exists())
+
+
+def fs_type(path: Path, mounts_file: str = "/proc/mounts") -> str | None:
+    """The filesystem type of the mount holding `path` (its longest mount-point prefix)."""
+    try:
+        lines = Path(mounts_file).read_text().splitlines()
+    except OSError:
+        return None
+    path = Path(os.path.realpath(path))
+    best, best_type = -1, None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount = Path(_unescape_mount(fields[1]))
+        if (path == mount or mount in path.parents) and len(mount.parts) > best:
+            best, best_type = len(mount.parts), fields[2]
+    return best_type
+
+
+def _unescape_mount(text: str) -> str:
+    return text.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def should_poll(watch: WatchDir, fstype: str | None) -> bool:
+    if watch.poll is not None:
+        return watch.poll
+    return fstype is not None and (fstype in NETWORK_FS or fstype.startswith("fuse"))
+
+
+def scan_folder(watch: WatchDir) -> Iterator[Path]:
+    """Every candidate file under a watched folder (recursively when configured)."""
+    if not watch.path.is_dir():
+        return
+    if not watch.recursive:
+        yield from sorted(p for p in watch.path.iterdir() if is_candidate(p) and p.is_file())
+        return
+    for root, dirs, files in os.walk(watch.path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = Path(root) / name
+            if is_candidate(path):
+                yield path
+
+
+# ---------------------------------------------------------------------------------------------
+# Settling: hints in, settled paths out. No threads here; the Watcher drives it.
+
+
+@dataclass
+class _Candidate:
+    seen: Signature | None
+    quiet_since: float  # monotonic time of the last change we noticed
+    confirmed: bool  # a close-write / moved-to event, a poll or a scan saw it
+
+
+class Settler:
+    def __init__(self, settle_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settle_seconds = settle_seconds
+        self._clock = clock
+        self._candidates: dict[Path, _Candidate] = {}
+        self._rejected: dict[Path, Signature] = {}  # incomplete or invalid as last seen
+        self._lock = threading.Lock()
+
+    def hint(self, path: Path, confirmed: bool) -> None:
+        """An event or scan saw `path`; any hint restarts its quiet period."""
+        if not is_candidate(path):
+            return
+        with self._lock:
+            now = self._clock()
+            current = self._candidates.get(path)
+            sig = signature(path)
+            if current is None:
+                if sig is not None and self._rejected.get(path) == sig:
+                    return  # judged incomplete as it is now; wait for it to change
+                self._candidates[path] = _Candidate(sig, now, confirmed)
+                return
+            current.seen, current.quiet_since = sig, now
+            current.confirmed = current.confirmed or confirmed
+
+    def forget(self, path: Path) -> None:
+        with self._lock:
+            self._candidates.pop(path, None)
+            self._rejected.pop(path, None)
+
+    def pending(self) -> list[Path]:
+        with self._lock:
+            return sorted(self._candidates)
+
+    def due(self) -> list[tuple[Path, Signature]]:
+        """The candidates that settled since the last call, each with the signature it settled at."""
+        settled: list[tuple[Path, Signature]] = []
+        with self._lock:
+            now = self._clock()
+            for path, cand in list(self._candidates.items()):
+                verdict = self._verdict(path, cand, now)
+                if verdict == "wait":
+                    continue
+                del self._candidates[path]
+                if verdict == "settled" and cand.seen is not None:
+                    self._rejected.pop(path, None)
+                    settled.append((path, cand.seen))
+                elif verdict == "rejected" and cand.seen is not None:
+                    self._rejected[path] = cand.seen
+        return settled
+
+    def _verdict(self, path: Path, cand: _Candidate, now: float) -> str:
+        sig = signature(path)
+        if sig is None:
+            return "gone"
+        if sig != cand.seen:
+            cand.seen, cand.quiet_since = sig, now
+            return "wait"
+        if not cand.confirmed or now - cand.quiet_since < self.settle_seconds:
+            return "wait"
+        if partial_siblings(path):
+            cand.quiet_since = now  # look again a settle period later
+            return "wait"
+        if not is_complete(path):
+            log.info("not a complete safetensors file; waiting for it to change", path=str(path))
+            return "rejected"
+        return "settled"
+
+
+# ---------------------------------------------------------------------------------------------
+# Observers
+
+
+class _Handler(FileSystemEventHandler):
+    """Turns watchdog events into hints. It must never raise: that kills the observer thread."""
+
+    def __init__(self, watcher: Watcher, polling: bool) -> None:
+        self._watcher = watcher
+        self._polling = polling  # a poll's created/modified is as good as a close-write
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        try:
+            self._route(event)
+        except Exception:  # noqa: BLE001 - an exception here would silently stop watching
+            log.exception("watch event handler failed", src_path=str(event.src_path))
+
+    def _route(self, event: FileSystemEvent) -> None:
+        settler = self._watcher.settler
+        src = Path(os.fsdecode(event.src_path))
+        if isinstance(event, FileClosedEvent):
+            settler.hint(src, confirmed=True)
+        elif isinstance(event, FileMovedEvent):
+            # Full events: a move in from outside has no source, a move out has no destination.
+            if event.src_path:
+                settler.forget(src)
+            if event.dest_path:
+                settler.hint(Path(os.fsdecode(event.dest_path)), confirmed=True)
+        elif isinstance(event, (FileCreatedEvent, FileModifiedEvent)):
+            settler.hint(src, confirmed=self._polling)
+        elif isinstance(event, FileDeletedEvent):
+            settler.forget(src)
+        elif isinstance(event, (DirCreatedEvent, DirMovedEvent)):
+            # Files can land in a new folder before its watch exists (watchdog#990): scan it.
+            folder = Path(os.fsdecode(getattr(event, "dest_path", "") or event.src_path))
+            self._watcher.scan_path(folder)
+
+
+class _OverflowSignal(logging.Handler):
+    """watchdog reports IN_Q_OVERFLOW only as a log warning; turn that into a reconcile request."""
+
+    def __init__(self, on_overflow: Callable[[], None]) -> None:
+        super().__init__(logging.WARNING)
+        self._on_overflow = on_overflow
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self._on_overflow()
+
+
+def _inotify_observer() -> BaseObserver:
+    """inotify with full move events, so a move in from outside the folder is a moved-to event
+    (the default observer reports it as "created", which we cannot tell from a write starting)."""
+    try:
+        from watchdog.observers.inotify import InotifyObserver
+    except ImportError:  # not Linux: the platform's native observer
+        return Observer()
+    return InotifyObserver(generate_full_events=True)
+
+
+class Watcher:
+    """Observers (inotify or polling) feeding a Settler, and a thread that hands on settled files."""
+
+    def __init__(
+        self,
+        dirs: Sequence[WatchDir],
+        settle_seconds: float,
+        poll_seconds: float,
+        on_settled: Callable[[Path, WatchDir, Signature], None],
+        ignore: Callable[[Path, Signature], bool] = lambda _p, _s: False,
+        for_path: Callable[[Path], WatchDir | None] | None = None,
+    ) -> None:
+        self.dirs = tuple(dirs)
+        self.settler = Settler(settle_seconds)
+        self.poll_seconds = poll_seconds
+        self._on_settled = on_settled
+        self._ignore = ignore
+        self._for_path = for_path or self._deepest_dir
+        self._observers: list[BaseObserver] = []
+        self._stop = threading.Event()
+        self._reconcile = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._overflow = _OverflowSignal(lambda: self.request_reconcile("inotify queue overflow"))
+        self.reconciles = 0  # completed reconcile scans (status, tests)
+        self.restarts = 0  # observers restarted after dying
+
+    # life cycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        logging.getLogger(_WATCHDOG_OVERFLOW_LOGGER).addHandler(self._overflow)
+        self._start_observers()
+        self.request_reconcile("start")
+        self._thread = threading.Thread(target=self._run, name="lorad-settle", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        logging.getLogger(_WATCHDOG_OVERFLOW_LOGGER).removeHandler(self._overflow)
+        self._stop_observers()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def alive(self) -> bool:
+        return bool(self._thread and self._thread.is_alive()) and all(o.is_alive() for o in self._observers)
+
+    def observers_alive(self) -> bool:
+        return all(o.is_alive() for o in self._observers)
+
+    def request_reconcile(self, reason: str) -> None:
+        log.info("reconcile scan requested", reason=reason)
+        self._reconcile.set()
+
+    # scanning ----------------------------------------------------------------------------
+
+    def scan(self) -> int:
+        """Reconcile: hint every candidate file in every watched folder; return how many."""
+        count = 0
+        for watch in self.dirs:
+            for path in scan_folder(watch):
+                self.settler.hint(path, confirmed=True)
+                count += 1
+        self.reconciles += 1
+        log.info("reconcile scan done", files=count)
+        return count
+
+    def scan_path(self, folder: Path) -> None:
+        watch = self._for_path(folder / "x.safetensors")
+        if watch is None:
+            return
+        for root, _dirs, files in os.walk(folder):
+            for name in files:
+                self.settler.hint(Path(root) / name, confirmed=True)
+
+    # internals ---------------------------------------------------------------------------
+
+    def _deepest_dir(self, path: Path) -> WatchDir | None:
+        best = None
+        for w in self.dirs:
+            if (w.path == path or w.path in path.parents) and (w.recursive or path.parent == w.path):
+                if best is None or len(w.path.parts) > len(best.path.parts):
+                    best = w
+        return best
+
+    def _start_observers(self) -> None:
+        inotify: BaseObserver = _inotify_observer()
+        polling: BaseObserver = PollingObserver(timeout=self.poll_seconds)
+        for watch in self.dirs:
+            try:
+                watch.path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                log.error("cannot create watched folder", path=str(watch.path), error=str(e))
+                continue
+            poll = should_poll(watch, fs_type(watch.path))
+            observer = polling if poll else inotify
+            observer.schedule(_Handler(self, polling=poll), str(watch.path), recursive=watch.recursive)
+            log.info("watching", path=str(watch.path), recursive=watch.recursive, poll=poll, policy=watch.policy)
+        self._observers = [o for o in (inotify, polling) if o.emitters]
+        for o in self._observers:
+            o.daemon = True
+            o.start()
+
+    def _stop_observers(self) -> None:
+        for o in self._observers:
+            o.stop()
+        for o in self._observers:
+            if o.is_alive():
+                o.join(timeout=5)
+        self._observers = []
+
+    def _run(self) -> None:
+        tick = max(0.05, min(0.5, self.settler.settle_seconds / 3))
+        while not self._stop.wait(tick):
+            try:
+                self._tick()
+            except Exception:  # noqa: BLE001 - keep the watcher alive whatever one file does
+                log.exception("watcher tick failed")
+
+    def _tick(self) -> None:
+        if not self.observers_alive() and not self._stop.is_set():
+            log.warning("an observer thread died; restarting it and reconciling")
+            self._stop_observers()
+            self._start_observers()
+            self.restarts += 1
+            self._reconcile.set()
+        if self._reconcile.is_set():
+            self._reconcile.clear()
+            self.scan()
+        for path, sig in self.settler.due():
+            self._hand_on(path, sig)
+
+    def _hand_on(self, path: Path, sig: Signature) -> None:
+        watch = self._for_path(path)
+        if watch is None or self._ignore(path, sig):
+            return
+        try:
+            self._on_settled(path, watch, sig)
+        except Exception:  # noqa: BLE001 - one bad file must not stop the others
+            log.exception("handling a settled file failed", path=str(path))

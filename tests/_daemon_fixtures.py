@@ -1,0 +1,191 @@
+"""Helpers for the daemon tests: tiny real LoRA files, slow writers, deadline polling, and a
+real `lorad daemon` subprocess driven through the real `lorad` CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors.torch import save, save_file
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def wait_for(condition: Callable[[], T], timeout: float = 60.0, every: float = 0.05, what: str = "") -> T:
+    """Poll `condition` until it returns something truthy; fail with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what or condition}")
+        time.sleep(every)
+
+
+def lora_tensors(modules: int = 3, dim: int = 32, rank: int = 8, seed: int = 0, true_rank: int = 2) -> dict[str, torch.Tensor]:
+    """A kohya-style LoRA whose update has `true_rank` strong directions plus small noise, so a
+    reduction keeps most of its norm at a much lower rank."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for i in range(modules):
+        name = f"lora_unet_down_blocks_0_attentions_0_proj_{i}"
+        strong_up = torch.randn(dim, true_rank, generator=gen)
+        strong_down = torch.randn(true_rank, dim, generator=gen)
+        up = torch.cat([strong_up, 0.01 * torch.randn(dim, rank - true_rank, generator=gen)], dim=1)
+        down = torch.cat([strong_down, 0.01 * torch.randn(rank - true_rank, dim, generator=gen)], dim=0)
+        tensors[f"{name}.lora_up.weight"] = up.contiguous()
+        tensors[f"{name}.lora_down.weight"] = down.contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(float(rank))
+    return tensors
+
+
+def lora_bytes(seed: int = 0, **kwargs: Any) -> bytes:
+    return save(lora_tensors(seed=seed, **kwargs), metadata={"ss_network_dim": "8"})
+
+
+def make_lora(path: Path, seed: int = 0, **kwargs: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(lora_tensors(seed=seed, **kwargs), str(path), metadata={"ss_network_dim": "8"})
+    return path
+
+
+def write_slowly(data: bytes, path: Path, chunks: int = 8, pause: float = 0.15) -> None:
+    """Write `data` to `path` in chunks with pauses, as a slow copy or download does."""
+    step = max(1, len(data) // chunks)
+    with open(path, "wb") as f:
+        for start in range(0, len(data), step):
+            f.write(data[start : start + step])
+            f.flush()
+            os.fsync(f.fileno())
+            time.sleep(pause)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real daemon in a subprocess, driven through the real CLI
+
+
+def lorad_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "LORAD_SOCKET", "JOURNAL_STREAM", "INVOCATION_ID", "WATCHDOG_USEC")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def write_config(tmp: Path, *, settle: float = 0.3, extra_policies: str = "", schedule: str = "", watch_extra: str = "", workers: int = 1, lease: float = 5.0) -> Path:
+    """A test config: one watched folder, a policy that reduces rank 8 to 2 and activates it."""
+    config = tmp / "lorad.yaml"
+    config.write_text(
+        f"""\
+state_dir: {tmp / 'state'}
+socket: {tmp / 'run' / 'lorad.sock'}
+device: cpu
+settle_seconds: {settle}
+poll_seconds: 0.2
+lease_seconds: {lease}
+workers: {workers}
+watch:
+  - path: {tmp / 'loras'}
+    policy: default
+{watch_extra}
+policies:
+  default:
+    method: rank
+    param: 2
+    min_saving: 0.2
+    min_fro_retained: 0.9
+    activate: auto
+    keep_variants: 3
+  tiny:
+    method: rank
+    param: 1
+    min_saving: 0.2
+    min_fro_retained: 0.99
+    activate: auto
+{extra_policies}
+schedule:
+  reconcile_every: 1h
+  gc_every: off
+  retry_every: 2s
+{schedule}
+"""
+    )
+    return config
+
+
+@dataclass
+class Daemon:
+    """A `lorad daemon --config` subprocess; its stdout (JSON log lines) goes to a file."""
+
+    config: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=lorad_env)
+
+    def start(self, wait_ready: bool = True) -> Daemon:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lorad", "daemon", "--config", str(self.config), "--log-format", "json"],
+            stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=str(REPO),
+        )  # fmt: skip
+        log.close()
+        if wait_ready:
+            wait_for(self.is_up, 60, 0.1, "the daemon to answer hello")
+        return self
+
+    def is_up(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log_tail()}")
+        return cli(self.config, "status", "--json", check=False).returncode == 0
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise AssertionError(f"daemon did not exit within {timeout}s of signal {sig}:\n{self.log_tail()}") from None
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def log_events(self) -> list[dict[str, Any]]:
+        events = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return events
+
+
+def cli(config: Path | None, *args: str, check: bool = True, socket: Path | None = None, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `lorad` command, finding the socket through `--config` (or `--socket`)."""
+    where = ["--socket", str(socket)] if socket else (["--config", str(config)] if config else [])
+    cmd = [sys.executable, "-m", "lorad", args[0], *where, *args[1:]]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env or lorad_env(), cwd=str(REPO), timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def cli_json(config: Path, *args: str) -> Any:
+    return json.loads(cli(config, *args, "--json").stdout)
