@@ -28,7 +28,7 @@ from lorad.report import FileInfo, ModuleReport, Report
 
 Progress = Callable[[int, int], None]
 BATCH_BYTES = 256 << 20  # float32 factor bytes decomposed at once; bounds peak memory per batch
-HEADER_SLACK = 8192  # room for new metadata when a budget plans the file's size
+HEADER_SLACK = 1024  # first guess at the room new metadata takes; a miss is corrected and retried
 
 
 @dataclass(frozen=True)
@@ -107,23 +107,40 @@ def _run(src: Path, dst: Path | None, settings: ReduceSettings, progress: Progre
     input_info = FileInfo(str(src), file_sha256(source.weights), source.header.file_bytes, source.format,
                           len(source.modules))
     notes: list[str] = []
-    fixed = _ranks_for_budget(source, settings, device, notes) if settings.method == "budget" else None
     enc = encode.choose_encoding(source, _reference_rank(source, settings))
-    job = _Job(source, settings, device, enc, fixed, progress)
+    if settings.method == "budget":
+        spectra = _spectra_for_budget(source, settings, device)
+        fixed_ranks = _allocate(source, settings, spectra, 0, notes)
+    else:
+        spectra, fixed_ranks = None, None
     if dst is None:
-        module_reports = job.plan()
+        module_reports = _Job(source, settings, device, enc, fixed_ranks, progress).plan()
         output = None
     else:
-        module_reports, outputs = job.reduce()
         extra = {"lorad.source_autov3": _source_data_hash(source)}
         provenance = writer.provenance_keys(input_info.sha256, settings.method, _param(settings), extra)
-        written = writer.write_lora(source, outputs, enc, dst, provenance)
+        for attempt in range(3):
+            module_reports, outputs = _Job(source, settings, device, enc, fixed_ranks, progress).reduce()
+            written = _write(source, outputs, enc, dst, provenance)
+            overshoot = written.bytes - _target_bytes(settings) if spectra else 0
+            if overshoot <= 0 or attempt == 2:
+                break
+            # The header came out larger than guessed: give those bytes back and allocate again.
+            fixed_ranks = _allocate(source, settings, spectra, overshoot, notes)
         output = FileInfo(str(written.path), file_sha256(written.weights), written.bytes)
-        if settings.method == "budget":
+        if spectra:
             notes.append(_budget_note(written.bytes, settings))
     reports = _in_file_order(source, module_reports)
     return Report(input_info, output, settings.method, _param(settings), time.perf_counter() - started,
                   str(device), reports, tuple(notes))
+
+
+def _write(source: LoraSource, outputs: dict, enc: encode.Encoding, dst: Path,
+           provenance: dict[str, str]) -> writer.Written:
+    try:
+        return writer.write_lora(source, outputs, enc, dst, provenance)
+    except OSError as e:  # full disk, file too large, read-only folder: nothing was left behind
+        raise ReduceError(f"{dst}: cannot write the output: {e.strerror or e}") from e
 
 
 def _param(settings: ReduceSettings) -> float | None:
@@ -184,23 +201,31 @@ def _load(reader: Reader, batch: list[Module], device: torch.device) -> tuple[to
     return up, down, scale
 
 
-def _ranks_for_budget(source: LoraSource, settings: ReduceSettings, device: torch.device,
-                      notes: list[str]) -> dict[str, int]:
-    """Pass 1 of `budget`: every module's spectrum, then one global allocation."""
+def _target_bytes(settings: ReduceSettings) -> int:
     target_mib = settings.budget_mb if settings.budget_mb is not None else float(settings.param or 0)
-    items, names = [], []
+    return int(target_mib * budget_mod.MIB)
+
+
+def _spectra_for_budget(source: LoraSource, settings: ReduceSettings,
+                        device: torch.device) -> dict[str, budget_mod.BudgetItem]:
+    """Pass 1 of `budget`: every module's spectrum, its cap and its cost per kept direction."""
+    items = {}
     with Reader(source) as reader:
         for batch in _batches(source):
             up, down, scale = _load(reader, batch, device)
             for m, s in zip(batch, singular_values(up, down, scale).cpu()):
                 itemsize = encode.output_dtype(m.dtype, settings.dtype).itemsize
                 cap = min(m.rank, s.numel(), settings.max_rank or m.rank)
-                items.append(budget_mod.BudgetItem(s, cap, (m.out_features + m.in_features) * itemsize))
-                names.append(m.name)
-    fixed = _fixed_bytes(source)
-    ranks = budget_mod.allocate(items, fixed, int(target_mib * budget_mod.MIB))
+                items[m.name] = budget_mod.BudgetItem(s, cap, (m.out_features + m.in_features) * itemsize)
+    return items
+
+
+def _allocate(source: LoraSource, settings: ReduceSettings, items: dict[str, budget_mod.BudgetItem],
+              extra_fixed: int, notes: list[str]) -> dict[str, int]:
+    fixed = _fixed_bytes(source) + extra_fixed
+    ranks = budget_mod.allocate(list(items.values()), fixed, _target_bytes(settings))
     notes.append(f"budget: {len(items)} modules, {sum(ranks)} singular directions kept")
-    return dict(zip(names, ranks))
+    return dict(zip(items, ranks))
 
 
 def _fixed_bytes(source: LoraSource) -> int:
