@@ -1,0 +1,207 @@
+"""The durable queue on a real, migrated SQLite database."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from lorad.db import migrate
+from lorad.db.session import Database
+from lorad.queue import (
+    DONE,
+    FAILED,
+    PENDING,
+    RUNNING,
+    LeaseLost,
+    Queue,
+    backoff,
+    error_text,
+    is_permanent,
+)
+from lorad.errors import FormatError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'lorad.db'}"
+    migrate.upgrade(url)
+    return url
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def queue(url: str, clock: Clock):  # type: ignore[no-untyped-def]
+    db = Database(url)
+    yield Queue(db, lease_seconds=30, max_attempts=3, clock=clock)
+    db.close()
+
+
+def sha(n: int) -> str:
+    return f"{n:064x}"
+
+
+def test_one_job_per_original_and_policy(queue: Queue) -> None:
+    first, created = queue.enqueue(sha(1), None, "default", "h1")
+    again, created_again = queue.enqueue(sha(1), None, "default", "h1")
+    other, created_other = queue.enqueue(sha(1), None, "small", "h2")
+    assert created and not created_again and created_other
+    assert again.id == first.id != other.id
+    assert (first.state, first.attempts, first.max_attempts) == (PENDING, 0, 3)
+    assert queue.counts() == {PENDING: 2, RUNNING: 0, DONE: 0, FAILED: 0}
+
+
+def test_claim_leases_the_oldest_due_job(queue: Queue, clock: Clock) -> None:
+    a, _ = queue.enqueue(sha(1), None, "p", "h")
+    b, _ = queue.enqueue(sha(2), None, "p", "h")
+    job = queue.claim("w1")
+    assert job is not None and job.id == a.id
+    assert (job.state, job.worker, job.attempts) == (RUNNING, "w1", 1)
+    assert job.lease_until == clock.now + timedelta(seconds=30)
+    assert queue.claim("w2").id == b.id
+    assert queue.claim("w3") is None
+
+
+def test_heartbeat_renews_the_lease_and_records_progress(queue: Queue, clock: Clock) -> None:
+    queue.enqueue(sha(1), None, "p", "h")
+    job = queue.claim("w1")
+    clock.advance(20)
+    queue.heartbeat(job.id, "w1", progress=0.5)
+    renewed = queue.get(job.id)
+    assert renewed.lease_until == clock.now + timedelta(seconds=30)
+    assert renewed.progress == 0.5 and renewed.heartbeat_at == clock.now
+    with pytest.raises(LeaseLost):
+        queue.heartbeat(job.id, "someone-else")
+
+
+def test_expired_leases_are_requeued_and_the_old_holder_loses_the_job(queue: Queue, clock: Clock) -> None:
+    queue.enqueue(sha(1), None, "p", "h")
+    job = queue.claim("dead-worker")
+    clock.advance(29)
+    assert queue.requeue_expired() == []
+    clock.advance(2)
+    assert queue.requeue_expired() == [job.id]
+    requeued = queue.get(job.id)
+    assert requeued.state == PENDING and requeued.worker is None and "lease expired" in requeued.error
+    with pytest.raises(LeaseLost):
+        queue.complete(job.id, "dead-worker", None)
+    again = queue.claim("new-worker")
+    assert again.id == job.id and again.attempts == 2
+    assert queue.complete(job.id, "new-worker", None).state == DONE
+
+
+def test_failures_back_off_then_fail_for_good(queue: Queue, clock: Clock) -> None:
+    job, _ = queue.enqueue(sha(1), None, "p", "h")
+    for attempt in (1, 2):
+        claimed = queue.claim("w")
+        assert claimed.attempts == attempt
+        failed = queue.fail(job.id, "w", "OSError: disk full")
+        assert failed.state == PENDING
+        assert failed.not_before == clock.now + timedelta(seconds=backoff(attempt))
+        assert queue.claim("w") is None  # not due yet
+        clock.advance(backoff(attempt))
+    queue.claim("w")
+    final = queue.fail(job.id, "w", "OSError: disk full")
+    assert (final.state, final.attempts, final.error) == (FAILED, 3, "OSError: disk full")
+    assert queue.claim("w") is None
+
+
+def test_permanent_errors_fail_at_once_and_are_not_retried_by_the_timer(queue: Queue) -> None:
+    bad, _ = queue.enqueue(sha(1), None, "p", "h")
+    flaky, _ = queue.enqueue(sha(2), None, "p", "h")
+    queue.claim("w")
+    queue.claim("w")
+    error = error_text(FormatError("x.safetensors: truncated"))
+    assert is_permanent(error) and not is_permanent("OSError: disk full") and not is_permanent(None)
+    assert queue.fail(bad.id, "w", error, permanent=True).state == FAILED
+    queue.fail(flaky.id, "w", "OSError: disk full", permanent=True)
+    assert queue.retry_failed() == [flaky.id]
+    revived = queue.get(flaky.id)
+    assert (revived.state, revived.attempts) == (PENDING, 0)
+    assert queue.get(bad.id).state == FAILED
+    # An explicit request revives even a permanent failure (the user may have fixed the file).
+    job, created = queue.enqueue(sha(1), None, "p", "h", retry_failed=True)
+    assert not created and job.id == bad.id and job.state == PENDING and job.error is None
+
+
+def test_release_gives_the_job_back_without_spending_an_attempt(queue: Queue) -> None:
+    job, _ = queue.enqueue(sha(1), None, "p", "h")
+    queue.claim("w")
+    released = queue.release(job.id, "w")
+    assert (released.state, released.attempts, released.worker) == (PENDING, 0, None)
+    assert queue.release(job.id, "w") is None  # not ours any more
+
+
+def test_done_jobs_stay_done(queue: Queue) -> None:
+    job, _ = queue.enqueue(sha(1), None, "p", "h")
+    queue.claim("w")
+    queue.complete(job.id, "w", None)
+    again, created = queue.enqueue(sha(1), None, "p", "h", retry_failed=True)
+    assert not created and again.state == DONE
+    assert queue.claim("w") is None
+
+
+def test_jobs_survive_a_restart(url: str) -> None:
+    db = Database(url)
+    Queue(db).enqueue(sha(9), None, "p", "h")
+    db.close()
+    reopened = Database(url)
+    try:
+        job = Queue(reopened).claim("after-restart")
+        assert job is not None and job.blob_sha256 == sha(9)
+    finally:
+        reopened.close()
+
+
+def test_concurrent_workers_never_share_a_job(url: str) -> None:
+    """Four workers, each with its own engine (as separate processes would be), 60 jobs."""
+    setup = Database(url)
+    for n in range(60):
+        Queue(setup).enqueue(sha(n), None, "p", "h")
+    setup.close()
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def work(name: str) -> None:
+        db = Database(url)
+        q = Queue(db)
+        try:
+            while (job := q.claim(name)) is not None:
+                with lock:
+                    claimed.append(job.id)
+                q.complete(job.id, name, None)
+        finally:
+            db.close()
+
+    threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(claimed) == 60 and Counter(claimed).most_common(1)[0][1] == 1
+    check = Database(url)
+    assert Queue(check).counts()[DONE] == 60
+    check.close()
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    assert [backoff(n) for n in (1, 2, 3, 4)] == [5.0, 10.0, 20.0, 40.0]
+    assert backoff(50) == 600.0
