@@ -1,0 +1,231 @@
+"""Repository functions: the queries and writes the library needs, each over a caller's session.
+
+They never commit: the caller's `Database.write()` block is the transaction, so a group of calls
+lands together or not at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from lorad.db.models import Blob, Event, Job, Lora, ModuleMetric, Variant, utcnow
+from lorad.report import Report
+
+
+@dataclass(frozen=True)
+class BlobRecord:
+    """What the library learned about a file it stored (plain data for `ensure_blob`)."""
+
+    sha256: str
+    bytes: int
+    data_sha256: str
+    format: str | None
+    modules: int | None
+    sshs_model_hash: str | None
+    sshs_legacy_hash: str | None
+
+
+# -- loras -----------------------------------------------------------------------------------------
+
+
+def lora_by_path(s: Session, path: str) -> Lora | None:
+    return s.scalar(select(Lora).where(Lora.path == path))
+
+
+def all_loras(s: Session) -> Sequence[Lora]:
+    return s.scalars(select(Lora).order_by(Lora.id)).all()
+
+
+def add_lora(s: Session, path: str, folder: str, policy: str | None) -> Lora:
+    lora = Lora(path=path, folder=folder, policy=policy)
+    s.add(lora)
+    s.flush()
+    return lora
+
+
+def set_active(s: Session, lora: Lora, variant: Variant) -> None:
+    lora.active_variant_id = variant.id
+    lora.updated_at = utcnow()
+
+
+def set_original(s: Session, lora: Lora, variant: Variant) -> None:
+    lora.original_variant_id = variant.id
+    lora.updated_at = utcnow()
+
+
+# -- blobs -----------------------------------------------------------------------------------------
+
+
+def ensure_blob(s: Session, record: BlobRecord) -> Blob:
+    blob = s.get(Blob, record.sha256)
+    if blob is None:
+        blob = Blob(
+            sha256=record.sha256,
+            bytes=record.bytes,
+            data_sha256=record.data_sha256,
+            autov2=record.sha256[:10],
+            autov3=record.data_sha256[:12],
+            format=record.format,
+            modules=record.modules,
+            sshs_model_hash=record.sshs_model_hash,
+            sshs_legacy_hash=record.sshs_legacy_hash,
+        )
+        s.add(blob)
+        s.flush()
+    return blob
+
+
+def all_blobs(s: Session) -> Sequence[Blob]:
+    return s.scalars(select(Blob).order_by(Blob.sha256)).all()
+
+
+def find_blobs(s: Session, text: str) -> Sequence[Blob]:
+    """Blobs a user-supplied hash names: a sha256 (or its prefix, e.g. AutoV2), AutoV3, or the
+    sshs_model_hash the file's metadata carried."""
+    text = text.strip().lower()
+    if not text or not all(c in "0123456789abcdef" for c in text):
+        return []
+    return s.scalars(
+        select(Blob)
+        .where(
+            or_(
+                Blob.sha256.startswith(text, autoescape=True),
+                Blob.autov3 == text,
+                Blob.data_sha256 == text,
+                Blob.sshs_model_hash == text,
+            )
+        )
+        .order_by(Blob.sha256)
+    ).all()
+
+
+def live_job_blobs(s: Session) -> set[str]:
+    """Blobs a pending or running job is about to read."""
+    return set(s.scalars(select(Job.blob_sha256).where(Job.state.in_(("pending", "running")))))
+
+
+def blobs_of_variants(s: Session, excluding: Iterable[int] = ()) -> set[str]:
+    query = select(Variant.blob_sha256)
+    excluded = list(excluding)
+    if excluded:
+        query = query.where(Variant.id.not_in(excluded))
+    return set(s.scalars(query))
+
+
+def variants_with_blob(s: Session, sha256: str) -> Sequence[Variant]:
+    return s.scalars(select(Variant).where(Variant.blob_sha256 == sha256).order_by(Variant.id)).all()
+
+
+# -- variants --------------------------------------------------------------------------------------
+
+
+def variants_of(s: Session, lora_id: int) -> Sequence[Variant]:
+    return s.scalars(select(Variant).where(Variant.lora_id == lora_id).order_by(Variant.id)).all()
+
+
+def variant_with_blob(s: Session, lora_id: int, sha256: str) -> Variant | None:
+    return s.scalar(
+        select(Variant).where(Variant.lora_id == lora_id, Variant.blob_sha256 == sha256)
+    )
+
+
+def add_original(s: Session, lora: Lora, sha256: str) -> Variant:
+    variant = Variant(lora_id=lora.id, blob_sha256=sha256, kind="original")
+    s.add(variant)
+    s.flush()
+    return variant
+
+
+def add_reduced(s: Session, lora: Lora, sha256: str, source: Variant, report: Report) -> Variant:
+    output_bytes = report.output.bytes if report.output else None
+    variant = Variant(
+        lora_id=lora.id,
+        blob_sha256=sha256,
+        kind="reduced",
+        source_variant_id=source.id,
+        method=report.method,
+        param=report.param,
+        fro_retained_mean=report.fro_retained_mean,
+        fro_retained_min=report.fro_retained_min,
+        params_in=report.params_in,
+        params_out=report.params_out,
+        bytes_in=report.input.bytes,
+        bytes_out=output_bytes,
+        seconds=report.seconds,
+        device=report.device,
+    )
+    s.add(variant)
+    s.flush()
+    s.add_all(
+        ModuleMetric(
+            variant_id=variant.id,
+            name=m.name,
+            kind=m.kind,
+            rank_in=m.rank_in,
+            rank_out=m.rank_out,
+            fro_retained=m.fro_retained,
+            rel_error=m.rel_error,
+            params_in=m.params_in,
+            params_out=m.params_out,
+            skipped=m.skipped,
+        )
+        for m in report.modules
+    )
+    s.flush()
+    return variant
+
+
+def module_metrics_of(s: Session, variant_id: int) -> Sequence[ModuleMetric]:
+    return s.scalars(
+        select(ModuleMetric).where(ModuleMetric.variant_id == variant_id).order_by(ModuleMetric.id)
+    ).all()
+
+
+def delete_variants(s: Session, variant_ids: Iterable[int]) -> None:
+    # module_metrics cascade; events, jobs and source links are set to NULL by the database.
+    for variant in s.scalars(select(Variant).where(Variant.id.in_(list(variant_ids)))).all():
+        s.delete(variant)
+    s.flush()
+
+
+def delete_blob_rows(s: Session, sha256s: Iterable[str]) -> None:
+    for blob in s.scalars(select(Blob).where(Blob.sha256.in_(list(sha256s)))).all():
+        s.delete(blob)
+    s.flush()
+
+
+# -- events ----------------------------------------------------------------------------------------
+
+
+def record_event(
+    s: Session,
+    kind: str,
+    actor: str,
+    lora_id: int | None = None,
+    variant_id: int | None = None,
+    **detail: Any,
+) -> Event:
+    event = Event(kind=kind, actor=actor, lora_id=lora_id, variant_id=variant_id, detail=detail)
+    s.add(event)
+    s.flush()
+    return event
+
+
+def events(
+    s: Session, lora_id: int | None = None, since: datetime | None = None, limit: int | None = None
+) -> Sequence[Event]:
+    query = select(Event).order_by(Event.id)
+    if lora_id is not None:
+        query = query.where(Event.lora_id == lora_id)
+    if since is not None:
+        query = query.where(Event.at >= since)
+    if limit is not None:
+        query = query.order_by(None).order_by(Event.id.desc()).limit(limit)
+        return list(reversed(s.scalars(query).all()))
+    return s.scalars(query).all()

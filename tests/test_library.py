@@ -1,0 +1,408 @@
+"""The library end to end on real files, the real engine and a real SQLite file: the main flow,
+verify, gc, and the bad cases (hand edits, corrupt blobs, full disks, paths outside the roots)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from lorad.errors import FormatError, StoreError
+from lorad.formats.safetensors_file import civitai_hashes, is_complete, read_header
+from lorad.library import Library
+from lorad.store import temp_name
+from tests._store_fixtures import (
+    assert_consistent,
+    event_kinds,
+    make_lora,
+    reduce_with_engine,
+    run_child,
+    sha256_of,
+    table,
+)
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def lib(tmp_path, root):
+    library = Library(tmp_path / "state", [root], link_mode="copy")
+    yield library
+    library.close()
+
+
+def _reduce(lib: Library, lora, rank: int, work: Path):
+    """What the worker does: reduce the stored original with the engine, record the output."""
+    original = lib.lora(lora).original
+    work.mkdir(exist_ok=True)
+    report = reduce_with_engine(lib.store.path_of(original.blob_sha256), work / f"r{rank}.safetensors", rank)
+    return lib.add_variant(lora, report, actor="daemon"), report
+
+
+def _events(lib: Library) -> list[tuple[str, str, int | None]]:
+    return [(e.kind, e.actor, e.variant_id) for e in lib.events()]
+
+
+# -- the main flow ---------------------------------------------------------------------------------
+
+
+def test_ingest_reduce_activate_revert_switch(tmp_path, root, lib):
+    path = make_lora(root / "style.safetensors", rank=8)
+    original_bytes = path.read_bytes()
+    original_sha = sha256_of(path)
+    hashes = civitai_hashes(path)
+
+    view = lib.ingest(path, policy="default", actor="daemon")
+    assert view.path == path.resolve() and view.folder == root.resolve() and view.policy == "default"
+    assert view.active == view.original and view.original.blob_sha256 == original_sha
+    assert lib.store.path_of(original_sha).read_bytes() == original_bytes
+    (blob,) = table(lib, "blobs")
+    assert (blob["format"], blob["modules"], blob["bytes"]) == ("kohya", 3, len(original_bytes))
+    assert (blob["autov2"], blob["autov3"], blob["data_sha256"]) == (
+        hashes["autov2"], hashes["autov3"], hashes["addnet"])  # fmt: skip
+    assert path.read_bytes() == original_bytes  # ingest never touches the watched file
+
+    r4, report4 = _reduce(lib, path, 4, tmp_path / "work")
+    assert (r4.kind, r4.method, r4.param, r4.source_variant_id) == ("reduced", "rank", 4, view.original.id)
+    assert r4.blob_sha256 == report4.output.sha256 == sha256_of(lib.store.path_of(r4.blob_sha256))
+    assert r4.fro_retained_mean == pytest.approx(report4.fro_retained_mean)
+    metrics = lib.module_metrics(r4.id)
+    assert [(m["rank_in"], m["rank_out"]) for m in metrics] == [(8, 4)] * 3
+    assert [m["fro_retained"] for m in metrics] == pytest.approx([m.fro_retained for m in report4.modules])
+    assert path.read_bytes() == original_bytes  # recorded, not yet activated
+
+    view = lib.activate(path, r4.id, actor="daemon")
+    assert view.active_variant_id == r4.id and view.original_variant_id == view.original.id
+    assert sha256_of(path) == r4.blob_sha256 and is_complete(path)
+    assert path.stat().st_size < len(original_bytes)
+    assert {k: read_header(path).tensors[k].shape for k in read_header(path).tensors
+            if k.endswith("lora_down.weight")} == {  # fmt: skip
+        f"lora_unet_down_blocks_0_attentions_{i}_proj_in.lora_down.weight": (4, 48) for i in range(3)
+    }
+
+    view = lib.revert(path, actor="cli:uid=1000")
+    assert path.read_bytes() == original_bytes and view.active == view.original
+
+    r2, _ = _reduce(lib, path, 2, tmp_path / "work")
+    view = lib.switch(path, r2.id, actor="cli:uid=1000")
+    assert sha256_of(path) == r2.blob_sha256 and view.active_variant_id == r2.id
+    view = lib.switch(path, r4.id, actor="cli:uid=1000")
+    assert sha256_of(path) == r4.blob_sha256 and view.active_variant_id == r4.id
+
+    assert _events(lib) == [
+        ("ingested", "daemon", view.original_variant_id),
+        ("reduced", "daemon", r4.id),
+        ("activated", "daemon", r4.id),
+        ("reverted", "cli:uid=1000", view.original_variant_id),
+        ("reduced", "daemon", r2.id),
+        ("switched", "cli:uid=1000", r2.id),
+        ("switched", "cli:uid=1000", r4.id),
+    ]
+    switched = lib.events()[-1]
+    assert switched.detail["previous_variant"] == r2.id and switched.detail["sha256"] == r4.blob_sha256
+    assert [row["active_variant_id"] for row in table(lib, "loras")] == [r4.id]
+    assert lib.store.is_intact(original_sha)
+    assert [lora.id for lora in lib.find(hashes["autov3"])] == [view.id]  # the original's identity
+    assert not temp_name(path).exists()
+    assert_consistent(lib)
+
+
+def test_ingest_is_idempotent_and_refuses_what_is_not_a_complete_lora(root, lib):
+    path = make_lora(root / "a.safetensors")
+    first = lib.ingest(path)
+    assert lib.ingest(path) == first
+    assert event_kinds(lib) == ["ingested"]
+    partial = root / "partial.safetensors"
+    partial.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(FormatError, match="truncated"):
+        lib.ingest(partial)
+    with pytest.raises(StoreError, match="one of lorad's own temp files"):
+        lib.ingest(temp_name(path))
+    assert [row["path"] for row in table(lib, "loras")] == [str(path.resolve())]
+
+
+def test_add_variant_refuses_a_report_that_does_not_match_its_file(tmp_path, root, lib):
+    path = make_lora(root / "a.safetensors")
+    lib.ingest(path)
+    original = lib.lora(path).original
+    report = reduce_with_engine(lib.store.path_of(original.blob_sha256), tmp_path / "out.safetensors", 4)
+    (tmp_path / "out.safetensors").write_bytes(make_lora(tmp_path / "x.safetensors", seed=5).read_bytes())
+    with pytest.raises(StoreError, match="expected .*; not stored"):
+        lib.add_variant(path, report)
+    assert [v.kind for v in lib.lora(path).variants] == ["original"]
+    assert len(list(lib.store.blobs())) == 1
+
+
+def test_add_variant_refuses_a_reduction_of_another_lora(tmp_path, root, lib):
+    a, b = make_lora(root / "a.safetensors", seed=1), make_lora(root / "b.safetensors", seed=2)
+    lib.ingest(a)
+    lib.ingest(b)
+    report = reduce_with_engine(a, tmp_path / "out.safetensors", 4)
+    with pytest.raises(StoreError, match="not a stored variant of this LoRA"):
+        lib.add_variant(b, report)
+    with pytest.raises(StoreError, match="has no variant"):
+        lib.switch(b, lib.lora(a).original_variant_id)
+    assert sha256_of(b) == lib.lora(b).original.blob_sha256
+
+
+# -- bad cases -------------------------------------------------------------------------------------
+
+
+def test_a_hand_edited_watched_file_becomes_a_new_original_and_is_never_overwritten(tmp_path, root, lib):
+    path = make_lora(root / "style.safetensors")
+    first = lib.ingest(path).original
+    r4, _ = _reduce(lib, path, 4, tmp_path / "work")
+    lib.activate(path, r4.id)
+    edited = make_lora(tmp_path / "edited.safetensors", seed=42).read_bytes()
+    path.write_bytes(edited)  # the user saved a new version over lorad's reduced file
+
+    with pytest.raises(StoreError, match="changed outside lorad; kept it as a new original") as err:
+        lib.switch(path, first.id)
+    assert "\n" not in str(err.value)
+    assert path.read_bytes() == edited
+    view = lib.lora(path)
+    assert view.active == view.original and view.original.blob_sha256 == sha256_of(path)
+    assert [v.kind for v in view.variants] == ["original", "reduced", "original"]
+    assert lib.store.is_intact(first.blob_sha256) and lib.store.is_intact(r4.blob_sha256)
+    assert event_kinds(lib)[-2:] == ["ingested", "failed"]
+    assert lib.events()[-2].detail["reason"] == "changed outside lorad"
+
+    lib.switch(path, first.id)  # the first original is still a variant to switch to
+    assert sha256_of(path) == first.blob_sha256
+    lib.revert(path)  # revert means the newest original: the user's edit
+    assert path.read_bytes() == edited
+    assert_consistent(lib)
+
+
+def test_a_watched_file_being_rewritten_is_left_alone(tmp_path, root, lib):
+    path = make_lora(root / "style.safetensors")
+    lib.ingest(path)
+    r4, _ = _reduce(lib, path, 4, tmp_path / "work")
+    half = path.read_bytes()[:-64]
+    path.write_bytes(half)  # a download in progress over the same name
+    with pytest.raises(StoreError, match="not a complete safetensors file"):
+        lib.activate(path, r4.id)
+    assert path.read_bytes() == half
+
+
+def test_a_corrupt_blob_is_refused_quarantined_and_the_file_kept(tmp_path, root, lib):
+    path = make_lora(root / "style.safetensors")
+    lib.ingest(path)
+    r4, _ = _reduce(lib, path, 4, tmp_path / "work")
+    blob = lib.store.path_of(r4.blob_sha256)
+    os.chmod(blob, 0o644)
+    with open(blob, "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02\x03")
+    before = path.read_bytes()
+
+    with pytest.raises(StoreError, match=f"variant {r4.id}'s stored bytes are corrupt"):
+        lib.activate(path, r4.id)
+    assert path.read_bytes() == before and not temp_name(path).exists()
+    assert not lib.store.has(r4.blob_sha256) and len(list(lib.store.bad.iterdir())) == 1
+    assert event_kinds(lib)[-2:] == ["quarantined", "failed"]
+    report = lib.verify()
+    assert report.missing == (r4.blob_sha256,) and not report.ok
+
+
+def test_verify_repairs_a_corrupt_original_from_the_watched_file(root, lib):
+    path = make_lora(root / "style.safetensors")
+    sha = lib.ingest(path).original.blob_sha256
+    blob = lib.store.path_of(sha)
+    os.chmod(blob, 0o644)
+    blob.write_bytes(blob.read_bytes()[:-1] + b"\xff")
+
+    report = lib.verify()
+    assert report.corrupt == (sha,) and report.repaired == (sha,) and report.ok
+    assert lib.store.is_intact(sha)
+    assert event_kinds(lib)[-2:] == ["quarantined", "verified"]
+    assert lib.events()[-1].detail["repaired"] == [sha]
+    assert_consistent(lib)
+
+
+def test_verify_reports_missing_files_strays_and_takes_in_changed_files(tmp_path, root, lib):
+    kept = make_lora(root / "kept.safetensors", seed=1)
+    gone = make_lora(root / "gone.safetensors", seed=2)
+    changed = make_lora(root / "changed.safetensors", seed=3)
+    for p in (kept, gone, changed):
+        lib.ingest(p)
+    gone.unlink()
+    changed.write_bytes(make_lora(tmp_path / "new.safetensors", seed=4).read_bytes())
+    stray = lib.store.ingest(make_lora(tmp_path / "stray.safetensors", seed=5)).sha256
+
+    report = lib.verify()
+    assert report.missing_files == (gone.resolve(),)
+    assert report.stray == (stray,)
+    ((lora_id, new_original),) = [(r.lora_id, r.new_original) for r in report.reconciled]
+    assert lora_id == lib.lora(changed).id and new_original
+    assert lib.lora(changed).original.blob_sha256 == sha256_of(changed)
+    assert not gone.exists()  # lorad does not recreate what the user removed
+
+
+@pytest.mark.parametrize("op", ["switch", "revert"])
+def test_paths_outside_the_watched_folders_are_refused(tmp_path, root, lib, op):
+    path = make_lora(root / "style.safetensors")
+    lib.ingest(path)
+    outside = make_lora(tmp_path / "elsewhere" / "x.safetensors")
+    link = root / "link.safetensors"
+    link.symlink_to(outside)  # inside by name, outside in fact
+    before = outside.read_bytes()
+    for bad in (outside, link, root / ".." / "elsewhere" / "x.safetensors", root):
+        args = (bad, 1) if op == "switch" else (bad,)
+        with pytest.raises(StoreError, match="not inside a watched folder") as err:
+            getattr(lib, op)(*args)
+        assert "\n" not in str(err.value)
+    with pytest.raises(StoreError, match="lorad has not ingested this file"):
+        getattr(lib, op)(*((root / "unknown.safetensors", 1) if op == "switch" else (root / "unknown.safetensors",)))
+    assert outside.read_bytes() == before and link.is_symlink()
+    assert event_kinds(lib) == ["ingested"] + ["failed"] * 5
+    assert lib.events()[-1].detail["op"] == op
+
+
+# -- full disks ------------------------------------------------------------------------------------
+
+
+def _mount_tmpfs(where: Path, size: str) -> bool:
+    where.mkdir(parents=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True)  # fmt: skip
+    return done.returncode == 0
+
+
+@pytest.fixture(params=["rlimit-fsize", "tmpfs-enospc"])
+def full_disk(request, tmp_path):
+    """Where a write runs out of room: a 1 MiB tmpfs (ENOSPC) where this process may mount one,
+    else (and always for the first variant) a child process under RLIMIT_FSIZE (EFBIG)."""
+    mnt = tmp_path / "small"
+    mounted = request.param == "tmpfs-enospc" and _mount_tmpfs(mnt, "1m")
+    if mounted:
+        st = os.statvfs(mnt)
+        assert st.f_blocks * st.f_frsize <= 1 << 20  # really the small filesystem
+    else:
+        mnt.mkdir(exist_ok=True)
+    yield mnt, mounted
+    if mounted:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _checkpoint(lib: Library) -> None:
+    # Empty the WAL so the child's few writes to it stay far below its file-size limit.
+    with lib.db.engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _fill(folder: Path, leave: int) -> None:
+    st = os.statvfs(folder)
+    (folder / "filler").write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+
+
+def test_disk_full_while_reverting_changes_nothing(tmp_path, full_disk):
+    mnt, mounted = full_disk
+    root = mnt / "loras"
+    root.mkdir()
+    path = make_lora(root / "big.safetensors", modules=2, dim=1024, rank=32)  # 512 KiB
+    with Library(tmp_path / "state", [root], link_mode="copy") as lib:
+        lib.ingest(path)
+        r2, _ = _reduce(lib, path, 2, tmp_path / "work")
+        lib.activate(path, r2.id)  # the watched file is now small
+        if mounted:
+            _fill(mnt, leave=200_000)
+        _checkpoint(lib)
+    done = run_child(["revert", str(tmp_path / "state"), str(root), str(path)],
+                     fsize_limit=None if mounted else 300_000)  # fmt: skip
+    expected = "No space left on device" if mounted else "File too large"
+    assert done.returncode == 3, done.stderr
+    assert f"cannot write {path.resolve()}: {expected}; the file was left as it was" in done.stdout
+    with Library(tmp_path / "state", [root]) as lib:
+        assert sha256_of(path) == r2.blob_sha256 and not temp_name(path).exists()
+        assert lib.lora(path).active_variant_id == r2.id
+        assert lib.store.is_intact(lib.lora(path).original.blob_sha256)
+        assert event_kinds(lib)[-1] == "failed"
+        if mounted:
+            (mnt / "filler").unlink()
+        lib.revert(path)  # with room again, the same request succeeds
+        assert sha256_of(path) == lib.lora(path).original.blob_sha256
+        assert_consistent(lib)
+
+
+def test_disk_full_while_storing_an_original_stores_nothing(tmp_path, full_disk):
+    mnt, mounted = full_disk
+    root = tmp_path / "loras"
+    path = make_lora(root / "big.safetensors", modules=2, dim=1024, rank=32)
+    before = path.read_bytes()
+    state = mnt / "state"
+    url = f"sqlite:///{tmp_path / 'lorad.db'}"  # the database elsewhere: only the store is full
+    with Library(state, [root], database_url=url) as lib:
+        if mounted:
+            _fill(mnt, leave=300_000)
+        _checkpoint(lib)
+    done = run_child(["ingest", str(state), str(root), str(path), f"--db={url}"],
+                     fsize_limit=None if mounted else 300_000)  # fmt: skip
+    expected = "No space left on device" if mounted else "File too large"
+    assert done.returncode == 3, done.stderr
+    assert f"cannot store {path.resolve()}: {expected}; nothing was stored" in done.stdout
+    with Library(state, [root], database_url=url) as lib:
+        assert path.read_bytes() == before
+        assert list(lib.store.blobs()) == [] and lib.store.temp_files() == []
+        assert table(lib, "loras") == [] and event_kinds(lib) == ["failed"]
+        if mounted:
+            (mnt / "filler").unlink()
+        lib.ingest(path)
+        assert_consistent(lib)
+
+
+# -- gc --------------------------------------------------------------------------------------------
+
+
+def test_gc_plans_first_and_never_collects_originals_or_the_active_variant(tmp_path, root, lib):
+    path = make_lora(root / "style.safetensors")
+    original = lib.ingest(path).original
+    variants = [_reduce(lib, path, rank, tmp_path / "work")[0] for rank in (6, 5, 4, 3, 2)]
+    lib.activate(path, variants[0].id)  # the oldest reduction is the active one
+    stray = lib.store.ingest(make_lora(tmp_path / "stray.safetensors", seed=9)).sha256
+
+    assert lib.gc(keep_variants=1).variants == ()  # all within the default one-hour grace
+    plan = lib.gc(dry_run=True, keep_variants=1, grace=timedelta(0))
+    assert set(plan.variants) == {v.id for v in variants[1:4]}  # newest (rank 2) and active kept
+    assert {sha for sha, _ in plan.blobs} == {v.blob_sha256 for v in variants[1:4]}
+    assert [sha for sha, _ in plan.stray] == [stray]
+    assert plan.bytes_freed == sum(n for _, n in plan.blobs) + lib.store.path_of(stray).stat().st_size
+    assert len(list(lib.store.blobs())) == 7  # a dry run removes nothing
+
+    done = lib.gc(dry_run=False, keep_variants=1, grace=timedelta(0))
+    assert done.executed and done.variants == plan.variants
+    remaining = {v.id for v in lib.lora(path).variants}
+    assert remaining == {original.id, variants[0].id, variants[4].id}
+    assert set(lib.store.blobs()) == {original.blob_sha256, variants[0].blob_sha256, variants[4].blob_sha256}
+    assert table(lib, "module_metrics") and {m["variant_id"] for m in table(lib, "module_metrics")} == {
+        variants[0].id, variants[4].id}  # fmt: skip
+    assert event_kinds(lib)[-1] == "collected"
+
+    lib.gc(dry_run=False, keep_variants=0, grace=timedelta(0))  # even keeping none:
+    assert {v.id for v in lib.lora(path).variants} == {original.id, variants[0].id}
+    assert sha256_of(path) == variants[0].blob_sha256
+    assert_consistent(lib)
+
+
+def test_gc_keeps_blobs_a_pending_job_will_read(tmp_path, lib):
+    from lorad.db import repo
+    from lorad.db.models import Job
+
+    info = lib.store.ingest(make_lora(tmp_path / "queued.safetensors", seed=3))
+    with lib.db.write() as s:
+        repo.ensure_blob(s, repo.BlobRecord(info.sha256, info.bytes, "0" * 64, "kohya", 3, None, None))
+        s.add(Job(blob_sha256=info.sha256, policy="p", policy_hash="h", state="pending"))
+    assert lib.gc(dry_run=False, grace=timedelta(0)).blobs == ()
+    assert lib.store.is_intact(info.sha256)
+    with lib.db.write() as s:
+        s.query(Job).update({"state": "done"})
+    assert lib.gc(dry_run=False, grace=timedelta(0)).blobs == ((info.sha256, info.bytes),)
+    assert not lib.store.has(info.sha256)

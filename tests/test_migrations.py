@@ -1,0 +1,116 @@
+"""Alembic against a real SQLite file: upgrade from empty, downgrade to base, models == schema."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from lorad.db import migrate
+from lorad.db.models import Base
+from lorad.db.session import make_engine
+
+TABLES = {"loras", "blobs", "variants", "module_metrics", "jobs", "events"}
+
+
+def _tables(path) -> set[str]:
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
+    return {r[0] for r in rows} - {"alembic_version"}
+
+
+def _diff(url: str, metadata: sa.MetaData) -> list:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+            return compare_metadata(ctx, metadata)
+    finally:
+        engine.dispose()
+
+
+def test_script_location_is_the_top_level_migrations_folder():
+    location = migrate.script_location()
+    assert location.name == "migrations" and (location / "env.py").is_file()
+    assert (location.parent / "lorad").is_dir()
+
+
+def test_upgrade_from_empty_then_downgrade_to_base(tmp_path):
+    db = tmp_path / "lorad.db"
+    url = f"sqlite:///{db}"
+    assert migrate.current(url) is None
+    assert migrate.upgrade(url) is None  # nothing to back up: the database was empty
+    assert migrate.current(url) == migrate.head() == "0001"
+    assert _tables(db) == TABLES
+    migrate.downgrade(url, "base")
+    assert migrate.current(url) is None
+    assert _tables(db) == set()
+    migrate.upgrade(url)  # and back up again from base
+    assert _tables(db) == TABLES
+
+
+def test_models_match_the_migrated_schema(tmp_path):
+    url = f"sqlite:///{tmp_path / 'lorad.db'}"
+    migrate.upgrade(url)
+    assert _diff(url, Base.metadata) == []
+
+
+def test_the_comparison_notices_a_model_the_migrations_lack(tmp_path):
+    # Guards the test above: a schema drift must show up as a difference.
+    url = f"sqlite:///{tmp_path / 'lorad.db'}"
+    migrate.upgrade(url)
+    drifted = sa.MetaData()
+    for t in Base.metadata.sorted_tables:
+        t.to_metadata(drifted)
+    drifted.tables["blobs"].append_column(sa.Column("colour", sa.Text()))
+    diff = _diff(url, drifted)
+    assert [(d[0], d[3].name) for d in diff] == [("add_column", "colour")]
+
+
+def test_upgrade_backs_up_the_database_before_a_pending_migration(tmp_path, monkeypatch):
+    # A second revision in a copy of the scripts stands in for the next release's migration.
+    scripts = tmp_path / "migrations"
+    shutil.copytree(migrate.script_location(), scripts, ignore=shutil.ignore_patterns("__pycache__"))
+    (scripts / "versions" / "0002_colour.py").write_text(NEXT_REVISION)
+    monkeypatch.setenv("LORAD_MIGRATIONS", str(scripts))
+    db = tmp_path / "lorad.db"
+    url = f"sqlite:///{db}"
+    migrate.upgrade(url, "0001")
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "INSERT INTO blobs (sha256, bytes, data_sha256, autov2, autov3, created_at) "
+            "VALUES ('ab', 1, 'cd', 'ab', 'cd', '2026-01-01 00:00:00')"
+        )
+    backup = migrate.upgrade(url)
+    assert migrate.current(url) == "0002"
+    assert backup is not None and backup.parent == tmp_path and "0001-to-0002" in backup.name
+    with sqlite3.connect(backup) as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
+        assert conn.execute("SELECT sha256 FROM blobs").fetchall() == [("ab",)]
+    with sqlite3.connect(db) as conn:  # the migration kept the data (batch move-and-copy)
+        assert conn.execute("SELECT sha256, colour FROM blobs").fetchall() == [("ab", None)]
+    assert migrate.upgrade(url) is None  # at head: no backup, nothing done
+
+
+NEXT_REVISION = """
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+    with op.batch_alter_table("blobs") as batch:
+        batch.add_column(sa.Column("colour", sa.Text(), nullable=True))
+
+
+def downgrade():
+    with op.batch_alter_table("blobs") as batch:
+        batch.drop_column("colour")
+"""
