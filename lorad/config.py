@@ -417,12 +417,10 @@ def _check_method_param(policy: Policy, doc: _Located, at: _At) -> None:
         if policy.budget_mb <= 0:
             raise at.child(doc, "budget_mb").error("must be greater than 0")
         return
-    if method == "project":
-        return
     if param is None:
         raise where.error(f"method {method} needs `param`")
-    if method == "rank" and (param < 1 or param != int(param)):
-        raise where.error(f"method rank needs a whole rank >= 1, got {param}")
+    if method in ("rank", "project") and (param < 1 or param != int(param)):
+        raise where.error(f"method {method} needs a whole rank >= 1, got {param}")
     if method in ("fro", "cumulative") and not 0 < param <= 1:
         raise where.error(f"method {method} needs 0 < param <= 1, got {param}")
     if method == "ratio" and param < 1:

@@ -1,0 +1,64 @@
+"""Plain JSON views of the library's records, shared by the daemon's replies and the CLI's tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def variant_json(v: Any, active_id: int | None) -> dict[str, Any]:
+    return {
+        "id": v.id,
+        "kind": v.kind,
+        "method": v.method,
+        "param": v.param,
+        "bytes": v.bytes,
+        "fro_retained": v.fro_retained_mean,
+        "fro_retained_min": v.fro_retained_min,
+        "active": v.id == active_id,
+        "sha256": v.blob_sha256,
+        "source_variant": v.source_variant_id,
+        "created_at": v.created_at.isoformat() if v.created_at else None,
+    }
+
+
+def lora_json(lora: Any) -> dict[str, Any]:
+    original, active = lora.original, lora.active
+    return {
+        "id": lora.id,
+        "path": str(lora.path),
+        "folder": str(lora.folder),
+        "policy": lora.policy,
+        "active_variant": lora.active_variant_id,
+        "original_variant": lora.original_variant_id,
+        "original_bytes": original.bytes if original else None,
+        "active_bytes": active.bytes if active else None,
+        "variants": [variant_json(v, lora.active_variant_id) for v in lora.variants],
+    }
+
+
+def saved_bytes(loras: list[dict[str, Any]]) -> tuple[int, int, int]:
+    """(bytes of the originals, bytes the watched files hold now, bytes saved)."""
+    original = sum(x["original_bytes"] or 0 for x in loras)
+    active = sum(x["active_bytes"] or 0 for x in loras if x["original_bytes"])
+    return original, active, original - active
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.1f} {unit}"
+        n /= 1024
+    return f"{n}"
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """A plain left-aligned text table."""
+    cells = [header, *rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
