@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -159,6 +159,15 @@ class GcPlan:
         return sum(n for _, n in self.blobs) + sum(n for _, n in self.stray)
 
 
+@dataclass(frozen=True)
+class _KeepRule:
+    default: int
+    by_policy: dict[str, int]
+
+    def count(self, policy: str | None) -> int:
+        return self.by_policy.get(policy, self.default) if policy is not None else self.default
+
+
 @dataclass
 class _VerifyTally:
     corrupt: list[str] = field(default_factory=list)
@@ -294,7 +303,9 @@ class Library:
 
     # -- ingest ------------------------------------------------------------------------------------
 
-    def ingest(self, path: str | os.PathLike[str], policy: str | None = None, actor: str = "library") -> LoraView:
+    def ingest(
+        self, path: str | os.PathLike[str], policy: str | None = None, actor: str = "library"
+    ) -> LoraView:
         """Store a watched file as an original (idempotent: a known file changes nothing)."""
         with self._lock, self._failure_recorded("ingest", actor, path):
             target, root = self._watched(path)
@@ -311,7 +322,7 @@ class Library:
             with self.db.write() as s:
                 lora = repo.lora_by_path(s, str(target)) or repo.add_lora(s, str(target), str(root), policy)
                 repo.ensure_blob(s, record)
-                variant = repo.variant_with_blob(s, lora.id, info.sha256) or repo.add_original(s, lora, info.sha256)
+                variant = repo.original_with_blob(s, lora, info.sha256)
                 repo.set_original(s, lora, variant)
                 repo.set_active(s, lora, variant)
                 repo.record_event(s, "ingested", actor, lora.id, variant.id, sha256=info.sha256,
@@ -377,13 +388,16 @@ class Library:
         """Put the original back at the watched path."""
         return self._put(lora, lambda row: row.original_variant_id, "reverted", actor)
 
-    def _put(self, ref: LoraRef, choose: Callable[[Lora], int | None], kind: SwitchKind, actor: str) -> LoraView:
+    def _put(
+        self, ref: LoraRef, choose: Callable[[Lora], int | None], kind: SwitchKind, actor: str
+    ) -> LoraView:
         op = {"activated": "activate", "reverted": "revert", "switched": "switch"}[kind]
         with self._lock, self._failure_recorded(op, actor, ref):
             with self.db.read() as s:
                 row = self._find_lora(s, ref)
                 lora_id, path = row.id, Path(row.path)
                 wanted = self._variant_of(s, row, choose(row))
+            self._watched(path)  # a folder dropped from the config is no longer lorad's to write
             stamp, current = self._settled_state(lora_id, path, actor)
             if current != wanted.id:
                 _crashpoint("put:before-materialize")
@@ -413,7 +427,9 @@ class Library:
         if stamp is None or state.kind == "gone":
             raise StoreError(f"{path}: the file is gone; lorad does not recreate removed LoRAs")
         if state.kind == "unsettled":
-            raise StoreError(f"{path}: is not a complete safetensors file (still being written?); left as it is")
+            raise StoreError(
+                f"{path}: is not a complete safetensors file (still being written?); left as it is"
+            )
         if state.kind == "new-original":
             raise StoreError(
                 f"{path}: changed outside lorad; kept it as a new original (variant "
@@ -476,7 +492,7 @@ class Library:
             row = s.get(Lora, lora_id)
             assert row is not None
             repo.ensure_blob(s, record)
-            variant = repo.variant_with_blob(s, lora_id, info.sha256) or repo.add_original(s, row, info.sha256)
+            variant = repo.original_with_blob(s, row, info.sha256)
             repo.set_original(s, row, variant)
             repo.set_active(s, row, variant)
             repo.record_event(s, "ingested", actor, lora_id, variant.id, sha256=info.sha256,
@@ -485,7 +501,9 @@ class Library:
             log.warning("changed outside lorad", path=str(path), sha256=info.sha256)
             return variant.id
 
-    def _quarantine(self, sha256: str, actor: str, lora_id: int | None = None, variant_id: int | None = None) -> None:
+    def _quarantine(
+        self, sha256: str, actor: str, lora_id: int | None = None, variant_id: int | None = None
+    ) -> None:
         try:
             dest = self.store.quarantine(sha256)
         except FileNotFoundError:
@@ -599,39 +617,42 @@ class Library:
         keep_variants: int = 2,
         grace: timedelta = timedelta(hours=1),
         actor: str = "gc",
+        keep_by_policy: Mapping[str, int] | None = None,
     ) -> GcPlan:
         """Plan (and unless `dry_run`, carry out) removing reduced variants beyond the newest
-        `keep_variants` per LoRA and store blobs nothing refers to, all older than `grace`.
-        Originals, active variants and their blobs are never collected."""
-        if keep_variants < 0:
-            raise StoreError(f"keep_variants must be >= 0, got {keep_variants}")
+        `keep_variants` per LoRA (`keep_by_policy[lora.policy]` where given) and store blobs
+        nothing refers to, all older than `grace`. Originals, active variants and their blobs are
+        never collected."""
+        keep = _KeepRule(keep_variants, dict(keep_by_policy or {}))
+        if min((keep_variants, *keep.by_policy.values())) < 0:
+            raise StoreError("keep_variants must be >= 0")
         with self._lock:
             cutoff = utcnow() - grace
             with self.db.read() as s:
-                plan = self._gc_plan(s, keep_variants, cutoff)
+                plan = self._gc_plan(s, keep, cutoff)
             if dry_run or not (plan.variants or plan.blobs or plan.stray):
                 return plan
             with self.db.write() as s:
-                plan = self._gc_plan(s, keep_variants, cutoff)  # again, under the write lock
+                plan = self._gc_plan(s, keep, cutoff)  # again, under the write lock
                 repo.delete_variants(s, plan.variants)
                 repo.delete_blob_rows(s, [sha for sha, _ in plan.blobs])
-                repo.record_event(s, "collected", actor, variants=list(plan.variants),
-                                  blobs=[sha for sha, _ in plan.blobs],
-                                  stray=[sha for sha, _ in plan.stray], bytes_freed=plan.bytes_freed)  # fmt: skip
+                repo.record_event(s, "collected", actor, **_gc_summary(plan))
             _crashpoint("gc:after-commit")
             # Records first, files after: a crash here leaves unrecorded files, the next gc's strays.
             for sha, _ in (*plan.blobs, *plan.stray):
                 self.store.remove(sha)
             return GcPlan(plan.variants, plan.blobs, plan.stray, executed=True)
 
-    def _gc_plan(self, s: Session, keep_variants: int, cutoff: datetime) -> GcPlan:
+    def _gc_plan(self, s: Session, keep: _KeepRule, cutoff: datetime) -> GcPlan:
         doomed: list[int] = []
         for row in repo.all_loras(s):
             protected = {row.active_variant_id, row.original_variant_id}
             reduced = [v for v in repo.variants_of(s, row.id) if v.kind == "reduced"]
             reduced.sort(key=lambda v: (v.created_at, v.id), reverse=True)
             doomed += [
-                v.id for v in reduced[keep_variants:] if v.id not in protected and v.created_at < cutoff
+                v.id
+                for v in reduced[keep.count(row.policy) :]
+                if v.id not in protected and v.created_at < cutoff
             ]
         still_used = repo.blobs_of_variants(s, excluding=doomed) | repo.live_job_blobs(s)
         recorded = repo.all_blobs(s)
@@ -716,6 +737,15 @@ def _is_complete(path: Path) -> bool:
     except FormatError:
         return False
     return True
+
+
+def _gc_summary(plan: GcPlan) -> dict[str, Any]:
+    return {
+        "variants": list(plan.variants),
+        "blobs": [sha for sha, _ in plan.blobs],
+        "stray": [sha for sha, _ in plan.stray],
+        "bytes_freed": plan.bytes_freed,
+    }
 
 
 def _verify_summary(report: VerifyReport) -> dict[str, Any]:

@@ -56,6 +56,11 @@ def _events(lib: Library) -> list[tuple[str, str, int | None]]:
 
 def test_ingest_reduce_activate_revert_switch(tmp_path, root, lib):
     path = make_lora(root / "style.safetensors", rank=8)
+    sidecars = {root / f"style{suffix}": data for suffix, data in (
+        (".civitai.info", b'{"id": 1}'), (".preview.png", b"\x89PNG..."), (".json", b"{}"))}  # fmt: skip
+    for sidecar, data in sidecars.items():
+        sidecar.write_bytes(data)
+    sidecar_stats = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sidecars}
     original_bytes = path.read_bytes()
     original_sha = sha256_of(path)
     hashes = civitai_hashes(path)
@@ -112,6 +117,11 @@ def test_ingest_reduce_activate_revert_switch(tmp_path, root, lib):
     assert lib.store.is_intact(original_sha)
     assert [lora.id for lora in lib.find(hashes["autov3"])] == [view.id]  # the original's identity
     assert not temp_name(path).exists()
+    for sidecar, data in sidecars.items():  # paired by name, never touched
+        assert sidecar.read_bytes() == data
+        assert (sidecar.stat().st_ino, sidecar.stat().st_mtime_ns) == sidecar_stats[sidecar]
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        ["style.safetensors", "style.civitai.info", "style.preview.png", "style.json"])  # fmt: skip
     assert_consistent(lib)
 
 
@@ -260,11 +270,23 @@ def test_paths_outside_the_watched_folders_are_refused(tmp_path, root, lib, op):
         with pytest.raises(StoreError, match="not inside a watched folder") as err:
             getattr(lib, op)(*args)
         assert "\n" not in str(err.value)
+    unknown = root / "unknown.safetensors"
     with pytest.raises(StoreError, match="lorad has not ingested this file"):
-        getattr(lib, op)(*((root / "unknown.safetensors", 1) if op == "switch" else (root / "unknown.safetensors",)))
+        getattr(lib, op)(*((unknown, 1) if op == "switch" else (unknown,)))
     assert outside.read_bytes() == before and link.is_symlink()
     assert event_kinds(lib) == ["ingested"] + ["failed"] * 5
     assert lib.events()[-1].detail["op"] == op
+
+
+def test_a_folder_dropped_from_the_config_is_no_longer_written(tmp_path, root, lib):
+    path = make_lora(root / "style.safetensors")
+    lora_id = lib.ingest(path).id
+    r4, _ = _reduce(lib, path, 4, tmp_path / "work")
+    (tmp_path / "other").mkdir()
+    with Library(tmp_path / "state", [tmp_path / "other"]) as narrowed:
+        with pytest.raises(StoreError, match="not inside a watched folder"):
+            narrowed.activate(lora_id, r4.id)
+    assert sha256_of(path) == lib.lora(path).original.blob_sha256
 
 
 # -- full disks ------------------------------------------------------------------------------------
@@ -364,7 +386,7 @@ def test_disk_full_while_storing_an_original_stores_nothing(tmp_path, full_disk)
 
 def test_gc_plans_first_and_never_collects_originals_or_the_active_variant(tmp_path, root, lib):
     path = make_lora(root / "style.safetensors")
-    original = lib.ingest(path).original
+    original = lib.ingest(path, policy="default").original
     variants = [_reduce(lib, path, rank, tmp_path / "work")[0] for rank in (6, 5, 4, 3, 2)]
     lib.activate(path, variants[0].id)  # the oldest reduction is the active one
     stray = lib.store.ingest(make_lora(tmp_path / "stray.safetensors", seed=9)).sha256
@@ -386,6 +408,9 @@ def test_gc_plans_first_and_never_collects_originals_or_the_active_variant(tmp_p
         variants[0].id, variants[4].id}  # fmt: skip
     assert event_kinds(lib)[-1] == "collected"
 
+    # a policy's own keep count wins over the default
+    plan = lib.gc(keep_variants=0, keep_by_policy={"default": 1}, grace=timedelta(0))
+    assert plan.variants == () and plan.blobs == ()
     lib.gc(dry_run=False, keep_variants=0, grace=timedelta(0))  # even keeping none:
     assert {v.id for v in lib.lora(path).variants} == {original.id, variants[0].id}
     assert sha256_of(path) == variants[0].blob_sha256

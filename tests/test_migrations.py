@@ -114,3 +114,35 @@ def downgrade():
     with op.batch_alter_table("blobs") as batch:
         batch.drop_column("colour")
 """
+
+
+def _lorad(capsys, *args: str) -> tuple[int, str, str]:
+    """The real `lorad` command line, in this process (a subprocess would pay torch's import)."""
+    from lorad.cli import main
+
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out.strip(), err.strip()
+
+
+def test_cli_db_current_and_upgrade(tmp_path, capsys):
+    state = tmp_path / "state"
+    code, _, err = _lorad(capsys, "db", "current", "--state-dir", str(state))
+    assert code == 2 and "no database at" in err and "lorad db upgrade" in err
+    assert not state.exists()  # looking does not create
+
+    code, out, err = _lorad(capsys, "db", "upgrade", "--state-dir", str(state))
+    assert code == 0, err
+    assert out == f"sqlite:///{state / 'lorad.db'}: upgraded empty -> 0001"
+    assert _lorad(capsys, "db", "current", "--state-dir", str(state))[1] == "0001 (head)"
+    code, out, _ = _lorad(capsys, "db", "upgrade", "--database", f"sqlite:///{state / 'lorad.db'}")
+    assert out.endswith("already at head 0001")
+    assert _tables(state / "lorad.db") == TABLES
+
+
+def test_cli_db_reports_an_unusable_database_in_one_line(tmp_path, capsys):
+    bogus = tmp_path / "not-a-db"
+    bogus.write_bytes(b"this is not sqlite" * 100)
+    code, _, err = _lorad(capsys, "db", "current", "--database", f"sqlite:///{bogus}")
+    assert code == 2
+    assert err == f"lorad: error: database sqlite:///{bogus}: file is not a database"

@@ -52,6 +52,7 @@ EVENT_KINDS = (
     "quarantined",  # a corrupt blob was moved to bad/
     "collected",  # gc removed variants and blobs
     "failed",  # an operation was refused or failed (detail: error)
+    "decided",  # (worker) a policy's verdict on a new variant
 )
 
 

@@ -142,6 +142,11 @@ def add_original(s: Session, lora: Lora, sha256: str) -> Variant:
     return variant
 
 
+def original_with_blob(s: Session, lora: Lora, sha256: str) -> Variant:
+    """The lora's variant holding these bytes, recorded as a new original if it has none."""
+    return variant_with_blob(s, lora.id, sha256) or add_original(s, lora, sha256)
+
+
 def add_reduced(s: Session, lora: Lora, sha256: str, source: Variant, report: Report) -> Variant:
     output_bytes = report.output.bytes if report.output else None
     variant = Variant(
