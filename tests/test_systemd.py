@@ -209,3 +209,58 @@ def test_capture_helper_collects_events() -> None:
     with lorad_log.captured() as events:
         lorad_log.get_logger("lorad.test").warning("stale socket", path="/run/x")
     assert events == [{"event": "stale socket", "path": "/run/x", "log_level": "warning"}]
+
+
+# ---------------------------------------------------------------------------------------------
+# The real daemon under a fake service manager
+
+
+def test_daemon_is_ready_only_once_migrated_and_listening(tmp_path: Path) -> None:
+    import sqlite3
+    import signal as sig
+    import time
+
+    from lorad.db import migrate
+    from tests._daemon_fixtures import Daemon, lorad_env, write_config
+
+    notify_path = tmp_path / "notify.sock"
+    manager = listen_notify(str(notify_path))
+    manager.settimeout(60)
+    config = write_config(tmp_path)
+    env = lorad_env(NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="1000000")
+    daemon = Daemon(config, tmp_path / "daemon.log", env=env)
+    daemon.start(wait_ready=False)
+    try:
+        messages: list[bytes] = []
+        while not any(m.startswith(b"READY=1") for m in messages):
+            messages.append(manager.recv(4096))
+        # At READY=1: the socket answers and the database is at the newest migration.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(tmp_path / "run" / "lorad.sock"))
+            s.sendall(b'{"v":1,"id":1,"method":"hello","params":{}}\n')
+            assert json.loads(s.makefile().readline())["result"]["daemon"] == "lorad"
+        db = sqlite3.connect(tmp_path / "state" / "lorad.db")
+        assert db.execute("SELECT version_num FROM alembic_version").fetchone()[0] == migrate.head()
+        db.close()
+        assert messages[0].startswith(b"STATUS=")  # progress reported before READY
+        assert b"STATUS=queue=0" in messages[-1]
+        deadline = time.monotonic() + 30
+        while b"WATCHDOG=1" not in messages and time.monotonic() < deadline:
+            messages.append(manager.recv(4096))
+        assert b"WATCHDOG=1" in messages  # pinged while the worker is healthy
+        assert daemon.stop(sig.SIGTERM) == 0
+        tail = []
+        while True:
+            try:
+                tail.append(manager.recv(4096))
+            except TimeoutError:
+                break
+            if tail[-1].startswith(b"STOPPING=1"):
+                break
+        assert tail and tail[-1].startswith(b"STOPPING=1")
+        assert not (tmp_path / "run" / "lorad.sock").exists()  # a clean stop removes its socket
+    finally:
+        if daemon.proc and daemon.proc.poll() is None:
+            daemon.stop(sig.SIGKILL)
+        manager.close()
