@@ -23,11 +23,11 @@ from lorad.formats.safetensors_file import file_data_sha256, file_sha256
 from lorad.reduce import budget as budget_mod
 from lorad.reduce import metrics, select
 from lorad.reduce.project import random_projection
-from lorad.reduce.svd import factored_svd, singular_values
+from lorad.reduce.svd import NonFiniteError, factored_svd, singular_values
 from lorad.report import FileInfo, ModuleReport, Report
 
 Progress = Callable[[int, int], None]
-BATCH_BYTES = 256 << 20  # float32 factor bytes decomposed at once; bounds peak memory per batch
+BATCH_BYTES = 96 << 20  # float32 factor bytes decomposed at once; bounds peak memory per batch
 HEADER_SLACK = 1024  # first guess at the room new metadata takes; a miss is corrected and retried
 
 
@@ -127,7 +127,7 @@ def _run(src: Path, dst: Path | None, settings: ReduceSettings, progress: Progre
                 break
             # The header came out larger than guessed: give those bytes back and allocate again.
             fixed_ranks = _allocate(source, settings, spectra, overshoot, notes)
-        output = FileInfo(str(written.path), file_sha256(written.weights), written.bytes)
+        output = FileInfo(str(written.path), written.sha256, written.bytes)
         if spectra:
             notes.append(_budget_note(written.bytes, settings))
     reports = _in_file_order(source, module_reports)
@@ -193,12 +193,26 @@ def _batches(source: LoraSource) -> Iterator[list[Module]]:
 
 
 def _load(reader: Reader, batch: list[Module], device: torch.device) -> tuple[torch.Tensor, ...]:
-    ups, downs = zip(*(reader.factors(m) for m in batch))
-    dtype = torch.float64 if any(u.dtype == torch.float64 for u in ups) else torch.float32
-    up = torch.stack(ups).to(device=device, dtype=dtype)
-    down = torch.stack(downs).to(device=device, dtype=dtype)
-    scale = torch.tensor([m.scale for m in batch], dtype=dtype, device=device)
-    return up, down, scale
+    """A batch's factors stacked in the compute dtype (float32; float64 if stored so)."""
+    first = batch[0]
+    dtype = torch.float64 if any(m.dtype == "F64" for m in batch) else torch.float32
+    up = torch.empty(len(batch), first.out_features, first.rank, dtype=dtype)
+    down = torch.empty(len(batch), first.rank, first.in_features, dtype=dtype)
+    for i, m in enumerate(batch):
+        u, d = reader.factors(m)
+        up[i].copy_(u)  # converts on the way in: one pass, no intermediate copy
+        down[i].copy_(d)
+    scale = torch.tensor([m.scale for m in batch], dtype=dtype)
+    return up.to(device), down.to(device), scale.to(device)
+
+
+def _decompose(reader: Reader, batch: list[Module], fn: Callable, *args: torch.Tensor):
+    """Run a decomposition; NaN or Inf in the factors surfaces there, cheaply, and is named then."""
+    try:
+        return fn(*args)
+    except NonFiniteError:
+        reader.check_finite(batch)
+        raise
 
 
 def _target_bytes(settings: ReduceSettings) -> int:
@@ -213,7 +227,7 @@ def _spectra_for_budget(source: LoraSource, settings: ReduceSettings,
     with Reader(source) as reader:
         for batch in _batches(source):
             up, down, scale = _load(reader, batch, device)
-            for m, s in zip(batch, singular_values(up, down, scale).cpu()):
+            for m, s in zip(batch, _decompose(reader, batch, singular_values, up, down, scale).cpu()):
                 itemsize = encode.output_dtype(m.dtype, settings.dtype).itemsize
                 cap = min(m.rank, s.numel(), settings.max_rank or m.rank)
                 items[m.name] = budget_mod.BudgetItem(s, cap, (m.out_features + m.in_features) * itemsize)
@@ -266,7 +280,7 @@ class _Job:
         with Reader(self.source) as reader:
             for batch in _batches(self.source):
                 up, down, scale = _load(reader, batch, self.device)
-                for m, S in zip(batch, singular_values(up, down, scale).cpu()):
+                for m, S in zip(batch, _decompose(reader, batch, singular_values, up, down, scale).cpu()):
                     k = self._rank(m, S)
                     fro, tail, total = metrics.truncation(S, k)
                     reports[m.name] = self._report(m, k, metrics.Quality(fro, tail / total if total else 0.0))
@@ -279,9 +293,10 @@ class _Job:
             for batch in _batches(self.source):
                 up, down, scale = _load(reader, batch, self.device)
                 if self.settings.method == "project":
+                    reader.check_finite(batch)  # no decomposition to notice NaN or Inf for us
                     results = self._project(batch, up, down)
                 else:
-                    results = self._truncate(batch, factored_svd(up, down, scale))
+                    results = self._truncate(batch, _decompose(reader, batch, factored_svd, up, down, scale))
                 for m, k, out_up, out_down, quality in results:
                     outputs[m.name] = writer.ModuleOutput(m, k, out_up, out_down)
                     reports[m.name] = self._report(m, k, quality)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -16,17 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from lorad.errors import FormatError
 from lorad.formats import detect
 from lorad.formats.keys import parse_key
-from lorad.formats.safetensors_file import Header, read_header
+from lorad.formats.safetensors_file import Header, read_header, read_raw
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+# diffusers' kohya converter stores alphas as int64
+_SCALAR_DTYPES = {**FLOAT_DTYPES, "I64": torch.int64, "I32": torch.int32}
 
 _SKIP_REASONS = {
     "loha": "LoHa (Hadamard product) is not SVD-reducible in place; passed through (--convert-lycoris rebuilds it)",
@@ -221,11 +223,11 @@ class _ScaleRules:
 
     def _alpha(self, key: str) -> float:
         entry = self.header.tensors[key]
-        if entry.shape not in ((), (1,)):
-            raise FormatError(f"{self.weights}: alpha {key!r} has shape {list(entry.shape)}, expected a scalar")
-        with safe_open(str(self.weights), framework="pt") as f:
-            value = float(f.get_tensor(key).reshape(()).item())
-        if value != value or value in (float("inf"), float("-inf")):
+        if entry.shape not in ((), (1,)) or entry.dtype not in _SCALAR_DTYPES:
+            raise FormatError(f"{self.weights}: alpha {key!r} is {entry.dtype} {list(entry.shape)}, expected a scalar")
+        raw = read_raw(self.header, key)
+        value = float(torch.frombuffer(bytearray(raw), dtype=_SCALAR_DTYPES[entry.dtype])[0])
+        if not math.isfinite(value):
             raise FormatError(f"{self.weights}: alpha {key!r} is {value}")
         return value
 
@@ -275,28 +277,46 @@ def most_common(values: list[Any], default: Any) -> Any:
 
 
 class Reader:
-    """Streams tensors from the weights file: factors as float32 (checked finite) or raw bytes."""
+    """Reads tensors with pread, not mmap: the input's pages never count as the process's memory,
+    which matters when the file is larger than what its reduction needs."""
 
-    def __init__(self, source: LoraSource):
-        self.source = source
-        self._handle = safe_open(str(source.weights), framework="pt")
+    def __init__(self, source: LoraSource | Header):
+        self.header = source.header if isinstance(source, LoraSource) else source
+        self._fd = os.open(self.header.path, os.O_RDONLY)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        entry = self.header.tensors[key]
+        dtype = FLOAT_DTYPES.get(entry.dtype)
+        if dtype is None:
+            raise FormatError(f"{self.header.path}: {key!r} has dtype {entry.dtype}, expected floating point")
+        if entry.nbytes == 0:
+            return torch.empty(entry.shape, dtype=dtype)
+        buf = bytearray(entry.nbytes)
+        view, offset, got = memoryview(buf), self.header.data_offset + entry.start, 0
+        while got < entry.nbytes:
+            n = os.preadv(self._fd, [view[got:]], offset + got)
+            if n == 0:
+                raise FormatError(f"{self.header.path}: truncated while reading {key!r}")
+            got += n
+        return torch.frombuffer(buf, dtype=dtype).reshape(entry.shape)
 
     def factors(self, module: Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """(up (out, r), down (r, in_flat)) in float32."""
-        up = self._finite(module.keys["up"]).reshape(module.out_features, module.rank)
-        down = self._finite(module.keys["down"]).reshape(module.rank, module.in_features)
+        """(up (out, r), down (r, in_flat)) as stored (the caller picks the compute dtype)."""
+        up = self.tensor(module.keys["up"]).reshape(module.out_features, module.rank)
+        down = self.tensor(module.keys["down"]).reshape(module.rank, module.in_features)
         return up, down
 
-    def _finite(self, key: str) -> torch.Tensor:
-        t = self._handle.get_tensor(key)
-        compute = torch.float64 if t.dtype == torch.float64 else torch.float32
-        t = t.to(compute)
-        if not torch.isfinite(t).all():
-            raise FormatError(f"{self.source.weights}: tensor {key!r} contains NaN or Inf values")
-        return t
+    def check_finite(self, modules: list[Module]) -> None:
+        """Name the first factor holding NaN or Inf (the slow path, after a batch's spectrum was)."""
+        for m in modules:
+            for role in ("up", "down"):
+                if not torch.isfinite(self.tensor(m.keys[role])).all():
+                    raise FormatError(f"{self.header.path}: tensor {m.keys[role]!r} contains NaN or Inf values")
 
     def close(self) -> None:
-        self._handle = None  # safe_open releases its mmap when collected
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def __enter__(self) -> "Reader":
         return self

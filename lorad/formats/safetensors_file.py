@@ -228,16 +228,22 @@ def serialize(tensors: dict[str, RawTensor], metadata: dict[str, str]) -> Iterat
         yield t.data
 
 
-def write_file(path: str | os.PathLike[str], tensors: dict[str, RawTensor], metadata: dict[str, str]) -> int:
-    """Write to `path` (the caller picks a temp name and renames) and fsync it; return its size."""
-    size = 0
+def write_file(
+    path: str | os.PathLike[str], tensors: dict[str, RawTensor], metadata: dict[str, str]
+) -> tuple[int, str]:
+    """Write to `path` (the caller picks a temp name and renames) and fsync it.
+
+    Returns (size, sha256 of the whole file), hashed on the way out rather than read back.
+    """
+    size, h = 0, hashlib.sha256()
     with open(path, "wb") as f:
         for chunk in serialize(tensors, metadata):
             f.write(chunk)
+            h.update(chunk)
             size += len(chunk)
         f.flush()
         os.fsync(f.fileno())
-    return size
+    return size, h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

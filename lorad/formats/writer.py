@@ -42,7 +42,7 @@ class Written:
     path: Path  # the file or PEFT directory written
     weights: Path  # its safetensors file
     bytes: int  # of the safetensors file
-    data_sha256: str
+    sha256: str  # of the safetensors file
 
 
 def raw(t: torch.Tensor) -> RawTensor:
@@ -154,19 +154,19 @@ def provenance_keys(source_sha256: str, method: str, param: float | None, extra:
 
 
 def write_safetensors(path: Path, tensors: dict[str, RawTensor], meta: dict[str, str], hashes: bool) -> tuple[int, str]:
-    """Write (path is a temp name the caller renames); return (bytes, data sha256).
+    """Write (path is a temp name the caller renames); return (bytes, sha256 of the file).
 
     The data section's hash does not depend on the header, so sshs_model_hash can be written into
     the header it describes. sshs_legacy_hash covers the final file's bytes at 1 MiB: it is
     computed over the layout with a fixed-length placeholder, then filled in.
     """
-    data_hash = data_sha256(tensors)
     if hashes:
+        data_hash = data_sha256(tensors)
         meta = dict(meta, sshs_model_hash=data_hash, sshs_legacy_hash=_LEGACY_PLACEHOLDER)
         meta["sshs_legacy_hash"] = legacy_hash(serialize(tensors, meta))
         if "modelspec.hash_sha256" in meta:
             meta["modelspec.hash_sha256"] = "0x" + data_hash
-    return write_file(path, tensors, meta), data_hash
+    return write_file(path, tensors, meta)
 
 
 def write_lora(
@@ -181,14 +181,14 @@ def write_lora(
     hashes = source.format != "peft"
     if source.peft_config is None:
         with replacing(dst) as tmp:
-            size, data_hash = write_safetensors(tmp, tensors, meta, hashes)
-        return Written(dst, dst, size, data_hash)
+            size, sha = write_safetensors(tmp, tensors, meta, hashes)
+        return Written(dst, dst, size, sha)
     with replacing(dst) as tmp:
         tmp.mkdir()
         _copy_side_files(source.path, tmp)
-        size, data_hash = write_safetensors(tmp / PEFT_WEIGHTS, tensors, meta, hashes)
+        size, sha = write_safetensors(tmp / PEFT_WEIGHTS, tensors, meta, hashes)
         _write_json(tmp / PEFT_CONFIG, _peft_config(source, outputs, enc))
-    return Written(dst, dst / PEFT_WEIGHTS, size, data_hash)
+    return Written(dst, dst / PEFT_WEIGHTS, size, sha)
 
 
 def _peft_config(source: LoraSource, outputs: dict[str, ModuleOutput], enc: Encoding) -> dict[str, object]:
