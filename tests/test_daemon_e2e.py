@@ -201,3 +201,44 @@ def test_sigterm_and_sigkill_mid_job(rig: tuple[Path, Daemon]) -> None:
     assert [v["kind"] for v in lora["variants"]] == ["original", "reduced"]  # no duplicate variant
     assert sha_of(second) == active(lora)["sha256"]
     assert cli_json(config, "verify")["ok"] is True
+
+
+def test_embedded_default_config_bad_configs_and_a_second_daemon(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests._daemon_fixtures import REPO, lorad_env
+
+    def lorad(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "lorad", *args], capture_output=True, text=True,
+                              env=lorad_env(), cwd=str(REPO), timeout=timeout)  # fmt: skip
+
+    nothing = lorad("daemon")
+    assert nothing.returncode == 2 and "give --config FILE or --watch DIR" in nothing.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("watch:\n  - path: /tmp/x\npolicies:\n  default:\n    method: rank\n    parm: 4\n")
+    refused = lorad("daemon", "--config", str(bad))
+    assert refused.returncode == 2 and "line 6: unknown key 'policies.default.parm'" in refused.stderr
+
+    # No config: the embedded default (policy "default", fro 0.95) on the folder given by --watch.
+    folder, sock = tmp_path / "plain", tmp_path / "d.sock"
+    path = make_lora(folder / "p.safetensors", seed=21)
+    argv = ["daemon", "--watch", str(folder), "--state-dir", str(tmp_path / "st"), "--socket", str(sock), "--log-format", "json"]
+    with open(tmp_path / "default.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "lorad", *argv], stdout=log, stderr=subprocess.STDOUT,
+                                env=lorad_env(), cwd=str(REPO))  # fmt: skip
+    try:
+        def reduced() -> dict[str, Any] | None:
+            result = cli(None, "list", "--json", socket=sock, check=False)
+            loras = json.loads(result.stdout) if result.returncode == 0 else []
+            return next((x for x in loras if x["path"] == str(path) and active(x)["kind"] == "reduced"), None)
+
+        lora = wait_for(reduced, 90, 0.2, "the default policy's variant")
+        assert active(lora)["method"] == "fro" and active(lora)["param"] == 0.95
+        # A second daemon on the same state dir and socket refuses and leaves the first alone.
+        second = lorad(*argv)
+        assert second.returncode == 2 and ("already listening" in second.stderr or "another lorad daemon" in second.stderr)
+        assert cli(None, "status", "--json", socket=sock).returncode == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0

@@ -204,3 +204,43 @@ def test_a_paused_gate_starts_nothing_until_resumed(rig: Rig) -> None:
     assert rig.queue.get(job_id).state == PENDING
     rig.gate.set_paused(False)
     rig.wait_state(job_id, DONE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timers: the window closes the gate; interval timers fire on a real APScheduler
+
+
+def test_schedule_plans_only_the_timers_asked_for() -> None:
+    from datetime import time as clock
+
+    from lorad.config import Schedule, Window
+    from lorad.scheduler import planned_jobs
+
+    assert [j[0] for j in planned_jobs(Schedule(reconcile_every=60, gc_every=None, retry_every=30))] == ["reconcile", "retry"]
+    night = Schedule(reconcile_every=None, gc_every=None, retry_every=None, window=Window(clock(1, 0), clock(6, 0)))
+    assert [j[0] for j in planned_jobs(night)] == ["window-open", "window-close"]
+
+
+def test_a_window_that_excludes_now_holds_jobs_back(rig: Rig) -> None:
+    from datetime import datetime, timedelta
+
+    from lorad import scheduler
+    from lorad.config import Schedule, Window
+
+    later = datetime.now() + timedelta(hours=3)
+    window = Window((later).time().replace(second=0, microsecond=0), (later + timedelta(hours=1)).time().replace(second=0, microsecond=0))
+    fired: list[str] = []
+    actions = scheduler.Actions(reconcile=lambda: fired.append("reconcile"), gc=lambda: None, retry=lambda: None,
+                                set_window=rig.gate.set_window)  # fmt: skip
+    timers = scheduler.start(Schedule(reconcile_every=0.2, gc_every=None, retry_every=None, window=window), actions)
+    try:
+        assert rig.gate.in_window is False
+        _, job_id = rig.add("w.safetensors")
+        rig.worker()
+        wait_for(lambda: len(fired) >= 2, 10, what="the reconcile timer to fire twice")
+        assert rig.queue.get(job_id).state == PENDING  # outside the window: nothing started
+        timers.get_job("window-open").func()  # the opening timer's own action, run now
+        assert rig.gate.in_window is True
+        rig.wait_state(job_id, DONE)
+    finally:
+        timers.shutdown(wait=False)
