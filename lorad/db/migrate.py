@@ -21,9 +21,12 @@ from lorad.errors import StoreError
 
 
 def script_location() -> Path:
-    """The Alembic script directory: $LORAD_MIGRATIONS, else `migrations/` next to `lorad/`."""
+    """The Alembic script directory: $LORAD_MIGRATIONS, else `migrations/` next to `lorad/` (a
+    checkout or editable install), else the copy a wheel carries as `lorad._migrations`."""
     override = os.environ.get("LORAD_MIGRATIONS")
     here = Path(override) if override else Path(__file__).resolve().parents[2] / "migrations"
+    if not override and not (here / "env.py").is_file():
+        here = Path(__file__).resolve().parents[1] / "_migrations"
     if not (here / "env.py").is_file():
         raise StoreError(f"lorad's database migrations are missing (looked in {here})")
     return here
