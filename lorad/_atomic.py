@@ -9,9 +9,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+TEMP_SUFFIX = ".lorad-tmp"
+
+
 def temp_name(target: Path) -> Path:
     """A sibling name no LoRA loader lists (a dot-file without the .safetensors suffix)."""
-    return target.with_name(f".{target.name}.lorad-tmp")
+    return target.with_name(f".{target.name}{TEMP_SUFFIX}")
+
+
+def is_temp_name(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)
 
 
 def fsync_dir(folder: Path) -> None:

@@ -32,6 +32,7 @@ from lorad.db.session import Database, default_url
 from lorad.errors import FormatError, LoradError, StoreError
 from lorad.formats.detect import detect_format
 from lorad.formats.keys import parse_key
+from lorad._atomic import is_temp_name, temp_name
 from lorad.formats.safetensors_file import Header, file_data_sha256, read_header
 from lorad.report import Report
 from lorad.store import (
@@ -43,8 +44,6 @@ from lorad.store import (
     TargetChanged,
     _crashpoint,
     hash_file,
-    is_temp_name,
-    temp_name,
 )
 
 log = structlog.get_logger()

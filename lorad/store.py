@@ -29,11 +29,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from lorad._atomic import fsync_dir, temp_name
 from lorad.errors import StoreError
 
 LinkMode = Literal["reflink-or-copy", "reflink", "copy", "hardlink"]
 LINK_MODES: tuple[str, ...] = ("reflink-or-copy", "reflink", "copy", "hardlink")
-TEMP_SUFFIX = ".lorad-tmp"
 FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int): share the source's extents (btrfs, xfs)
 CHUNK = 1 << 20
 CRASH_ENV = "LORAD_TEST_CRASH_AT"
@@ -76,22 +76,6 @@ class FileStamp:
     @classmethod
     def of(cls, st: os.stat_result) -> FileStamp:
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def temp_name(target: Path) -> Path:
-    return target.with_name(f".{target.name}{TEMP_SUFFIX}")
-
-
-def is_temp_name(path: Path) -> bool:
-    return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_quietly(path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 from lorad.errors import FormatError, StoreError
 from lorad.formats.safetensors_file import civitai_hashes, is_complete, read_header
 from lorad.library import Library
-from lorad.store import temp_name
+from lorad._atomic import temp_name
 from tests._store_fixtures import (
     assert_consistent,
     event_kinds,

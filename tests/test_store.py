@@ -8,7 +8,8 @@ import stat
 import pytest
 
 from lorad.errors import StoreError
-from lorad.store import CorruptBlob, FileStamp, Store, TargetChanged, temp_name
+from lorad._atomic import temp_name
+from lorad.store import CorruptBlob, FileStamp, Store, TargetChanged
 from tests._store_fixtures import make_lora, sha256_of
 
 
