@@ -205,6 +205,7 @@ class Daemon:
 
     def on_settled(self, path: Path, watch: WatchDir, sig: Signature) -> None:
         """A watched file settled: store it as an original (if new) and queue its reduction."""
+        log.info("file settled", path=str(path), size=sig.size)
         policy = self.config.policies[watch.policy]
         view = self.ingest(path, watch.policy, actor="watcher", sig=sig)
         self.enqueue_original(view, policy)

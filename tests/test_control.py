@@ -301,3 +301,23 @@ def test_a_regular_file_at_the_socket_path_is_never_removed(sockdir: Path) -> No
 def test_client_says_clearly_when_the_daemon_is_not_running(sockdir: Path) -> None:
     with pytest.raises(DaemonNotRunning, match="not running"):
         Client(sockdir / "absent.sock").call("status")
+
+
+def test_clients_find_the_socket_flag_then_config_then_env_then_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from lorad._cli_client import socket_path
+    from lorad.config import default_socket_candidates
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"socket: {tmp_path / 'from-config.sock'}\n")
+    monkeypatch.setenv("LORAD_SOCKET", str(tmp_path / "from-env.sock"))
+    args = argparse.Namespace(socket=tmp_path / "flag.sock", config=config)
+    assert socket_path(args) == tmp_path / "flag.sock"
+    args.socket = None
+    assert socket_path(args) == tmp_path / "from-config.sock"
+    args.config = None
+    assert socket_path(args) == tmp_path / "from-env.sock"
+    monkeypatch.delenv("LORAD_SOCKET")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    assert socket_path(args) in default_socket_candidates()

@@ -106,6 +106,9 @@ def test_drops_are_reduced_activated_and_survive_a_restart(rig: tuple[Path, Daem
     cli(config, "switch", str(slow), str(reduced_id))
     assert sha_of(slow) == next(v["sha256"] for v in reverted["variants"] if v["id"] == reduced_id)
     before_restart = by_path(cli_json(config, "list"))
+    # lorad's own writes (activation, revert, switch) never came back to it as new files.
+    settled = [e["path"] for e in daemon.log_events() if e.get("event") == "file settled"]
+    assert sorted(settled) == sorted(str(p) for p in originals)
 
     # A clean stop, a file dropped while the daemon is down, and a restart.
     assert daemon.stop(signal.SIGTERM) == 0
