@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
         p.add_argument("--dtype", help="output dtype: fp16, bf16 or fp32 (default: as input)")
         p.add_argument("--kohya-compat", action="store_true", help="choose ranks exactly as kohya resize_lora.py")
+        p.add_argument("--convert-lycoris", action="store_true",
+                       help="rebuild plain LoHa/LoKr modules as LoRA (a format change; off by default)")
         p.add_argument("--seed", type=int, default=0, help="random seed (method project)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.add_argument("-v", "--verbose", action="store_true", help="list every module")
@@ -47,7 +49,8 @@ def _settings(args: argparse.Namespace) -> ReduceSettings:
     method = args.method or ("budget" if args.budget_mb is not None else "fro")
     param = args.param if args.param is not None or method == "budget" else 0.9 if method == "fro" else None
     return ReduceSettings(method=method, param=param, max_rank=args.max_rank, budget_mb=args.budget_mb,
-                          device=args.device, dtype=args.dtype, kohya_compat=args.kohya_compat, seed=args.seed)
+                          device=args.device, dtype=args.dtype, kohya_compat=args.kohya_compat,
+                          convert_lycoris=args.convert_lycoris, seed=args.seed)
 
 
 def _reduce(args: argparse.Namespace) -> int:

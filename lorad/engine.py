@@ -11,17 +11,18 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from lorad.errors import ReduceError
+from lorad.errors import FormatError, ReduceError
 from lorad.formats import encode, writer
-from lorad.formats.lora import LoraSource, Module, Reader, most_common, open_lora
+from lorad.formats.lora import LoraSource, Module, Reader, most_common, open_lora, read_scalar
 from lorad.formats.safetensors_file import file_data_sha256, file_sha256
 from lorad.reduce import budget as budget_mod
 from lorad.reduce import metrics, select
+from lorad.reduce.lycoris import loha_delta, lokr_delta
 from lorad.reduce.project import random_projection
 from lorad.reduce.svd import NonFiniteError, factored_svd, singular_values
 from lorad.report import FileInfo, ModuleReport, Report
@@ -40,6 +41,7 @@ class ReduceSettings:
     device: str = "auto"
     dtype: str | None = None  # output dtype (fp16, bf16, fp32); None keeps each tensor's own
     kohya_compat: bool = False
+    convert_lycoris: bool = False  # rebuild plain LoHa/LoKr modules as LoRA (a format change)
     seed: int = 0  # for `project` only
 
     def validate(self) -> None:
@@ -52,6 +54,8 @@ class ReduceSettings:
             raise ReduceError(f"unknown --device {self.device!r}; choose auto, cpu or cuda")
         if self.kohya_compat and self.method in ("budget", "project"):
             raise ReduceError(f"--kohya-compat has no meaning for method {self.method}")
+        if self.convert_lycoris and self.method in ("budget", "project"):
+            raise ReduceError(f"--convert-lycoris works with per-module methods, not {self.method}")
 
     @property
     def tag(self) -> str:
@@ -206,6 +210,35 @@ def _load(reader: Reader, batch: list[Module], device: torch.device) -> tuple[to
     return up.to(device), down.to(device), scale.to(device)
 
 
+_LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+def _lycoris_as_lora(reader: Reader, m: Module) -> tuple[Module, torch.Tensor] | None:
+    """(the module as a 2-D LoRA module, its dense dW), or None where it stays as it is:
+    not LoHa/LoKr, or CP/Tucker-decomposed (hada_t*, lokr_t2) or 4-D factors."""
+    if m.kind not in ("loha", "lokr") or any(r in m.keys for r in ("hada_t1", "hada_t2", "lokr_t2")):
+        return None
+    factors = {role: reader.tensor(key).to(torch.float32) for role, key in m.keys.items()
+               if role.startswith(("hada_", "lokr_"))}
+    if any(t.ndim != 2 for t in factors.values()):
+        return None
+    for role, t in factors.items():
+        if not torch.isfinite(t).all():
+            raise FormatError(f"{reader.header.path}: tensor {m.keys[role]!r} contains NaN or Inf values")
+    alpha = read_scalar(reader.header, m.keys["alpha"]) if "alpha" in m.keys else None
+    if m.kind == "loha":
+        if not set(_LOHA) <= set(factors):
+            return None
+        dW = loha_delta(*(factors[r] for r in _LOHA), alpha)
+        rank = factors["hada_w1_b"].shape[0]
+    else:
+        dW = lokr_delta(factors, alpha)
+        rank = min(dW.shape)
+    out, inp = dW.shape
+    dtype = reader.header.tensors[next(iter(m.keys.values()))].dtype
+    return Module(m.name, m.kind, m.keys, out, inp, rank, (), dtype, 1.0), dW
+
+
 def _decompose(reader: Reader, batch: list[Module], fn: Callable, *args: torch.Tensor):
     """Run a decomposition; NaN or Inf in the factors surfaces there, cheaply, and is named then."""
     try:
@@ -301,7 +334,26 @@ class _Job:
                     outputs[m.name] = writer.ModuleOutput(m, k, out_up, out_down)
                     reports[m.name] = self._report(m, k, quality)
                     self._tick()
+            if self.settings.convert_lycoris:
+                for m in self.source.modules:
+                    converted = _lycoris_as_lora(reader, m)
+                    if converted is not None:
+                        lora_module, dW = converted
+                        out = self._convert(lora_module, dW)
+                        outputs[m.name] = out[0]
+                        reports[m.name] = out[1]
         return reports, outputs
+
+    def _convert(self, m: Module, dW: torch.Tensor) -> tuple[writer.ModuleOutput, ModuleReport]:
+        """A LoHa/LoKr module as plain LoRA: dense SVD of its update, the same rank rule."""
+        U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
+        s = self.settings
+        k = select.select_rank(S, s.method, float(s.param or 0), S.numel(), s.max_rank, s.kohya_compat, S.numel())
+        Uk, Sk, Vk = U[:, :k], S[:k], Vh[:k].T
+        out_up, out_down, up_back, down_back = self._encode(m, k, Uk * Sk, Vk.T)
+        quality = metrics.svd_quality(S, k, Uk, Vk, up_back, down_back)
+        report = replace(self._report(m, k, quality), kind=f"{m.kind}->lora", rank_in=m.rank)
+        return writer.ModuleOutput(m, k, out_up, out_down), report
 
     def _truncate(self, batch: list[Module], svd) -> Iterator[tuple]:
         S_all = svd.S.cpu()

@@ -129,3 +129,28 @@ def test_fp16_input_gives_fp16_output_unless_dtype_says_otherwise(tmp_path):
     assert {e.dtype for k, e in read_header(out).tensors.items() if "weight" in k} == {"F16"}
     out32 = reduce_file(src, tmp_path / "o32.safetensors", ReduceSettings("rank", 4, dtype="fp32")).output.path
     assert {e.dtype for k, e in read_header(out32).tensors.items() if "weight" in k} == {"F32"}
+
+
+def test_convert_lycoris_rebuilds_loha_and_lokr_as_plain_lora(tmp_path):
+    from lorad.reduce.lycoris import loha_delta, lokr_delta
+    from safetensors.torch import load_file
+
+    src = lf.lycoris_mixed_file(tmp_path / "m.safetensors")
+    t = load_file(str(src))
+    loha = loha_delta(t["lora_unet_b_to_k.hada_w1_a"], t["lora_unet_b_to_k.hada_w1_b"],
+                      t["lora_unet_b_to_k.hada_w2_a"], t["lora_unet_b_to_k.hada_w2_b"], 4.0)
+    lokr = lokr_delta({"lokr_w1": t["lora_unet_c_ff.lokr_w1"], "lokr_w2": t["lora_unet_c_ff.lokr_w2"]}, None)
+    report = reduce_file(src, tmp_path / "o.safetensors", ReduceSettings("fro", 0.999, convert_lycoris=True))
+    kinds = {m.name: m for m in report.modules}
+    assert kinds["lora_unet_b_to_k"].kind == "loha->lora" and kinds["lora_unet_b_to_k"].skipped is None
+    assert kinds["lora_unet_c_ff"].kind == "lokr->lora"
+    assert kinds["lora_unet_d_conv"].skipped and kinds["lora_unet_e_to_v"].skipped  # Tucker, DoRA stay
+    keys = _keys(report.output.path)
+    assert not any("hada_" in k or "lokr_" in k for k in keys)
+    after = lf.effective_deltas(report.output.path)
+    assert lf.rel_diff(loha.double(), after["lora_unet_b_to_k"]) == pytest.approx(
+        kinds["lora_unet_b_to_k"].rel_error, abs=1e-4)
+    assert lf.rel_diff(loha.double(), after["lora_unet_b_to_k"]) < 0.05
+    assert lf.rel_diff(lokr.double(), after["lora_unet_c_ff"]) < 0.05
+    with safe_open(report.output.path, "pt") as f:
+        assert len({float(f.get_tensor(k)) for k in f.keys() if k.endswith(".alpha")}) == 1

@@ -222,14 +222,18 @@ class _ScaleRules:
         return self.configs.get(detect.diffusers_prefix(name))
 
     def _alpha(self, key: str) -> float:
-        entry = self.header.tensors[key]
-        if entry.shape not in ((), (1,)) or entry.dtype not in _SCALAR_DTYPES:
-            raise FormatError(f"{self.weights}: alpha {key!r} is {entry.dtype} {list(entry.shape)}, expected a scalar")
-        raw = read_raw(self.header, key)
-        value = float(torch.frombuffer(bytearray(raw), dtype=_SCALAR_DTYPES[entry.dtype])[0])
-        if not math.isfinite(value):
-            raise FormatError(f"{self.weights}: alpha {key!r} is {value}")
-        return value
+        return read_scalar(self.header, key)
+
+
+def read_scalar(header: Header, key: str) -> float:
+    """A 0-d (or 1-element) tensor such as an alpha, as a finite float."""
+    entry = header.tensors[key]
+    if entry.shape not in ((), (1,)) or entry.dtype not in _SCALAR_DTYPES:
+        raise FormatError(f"{header.path}: {key!r} is {entry.dtype} {list(entry.shape)}, expected a scalar")
+    value = float(torch.frombuffer(bytearray(read_raw(header, key)), dtype=_SCALAR_DTYPES[entry.dtype])[0])
+    if not math.isfinite(value):
+        raise FormatError(f"{header.path}: {key!r} is {value}")
+    return value
 
 
 def _diffusers_configs(weights: Path, raw: str) -> dict[str, dict[str, Any]]:

@@ -51,26 +51,36 @@ def raw(t: torch.Tensor) -> RawTensor:
 
 
 def build_tensors(source: LoraSource, outputs: dict[str, ModuleOutput], enc: Encoding) -> dict[str, RawTensor]:
-    """Every output tensor in the input's key order; new alpha keys follow their module's down key."""
+    """Every output tensor in the input's key order; new alpha keys follow their module's down key.
+
+    A module rebuilt as plain LoRA (from LoHa/LoKr) loses its old keys; its lora_up, lora_down
+    and alpha take the place of the first of them.
+    """
+    alpha = None if enc.alpha is None else raw(torch.tensor(enc.alpha, dtype=enc.alpha_dtype))
     replaced: dict[str, RawTensor] = {}
-    added_after: dict[str, tuple[str, RawTensor]] = {}
+    inserted: dict[str, list[tuple[str, RawTensor]]] = {}
+    dropped: set[str] = set()
     for out in outputs.values():
-        keys = out.module.keys
+        keys, name = out.module.keys, out.module.name
+        if "up" not in keys:
+            first = min(keys.values(), key=lambda k: source.header.tensors[k].start)
+            dropped.update(keys.values())
+            new = [(f"{name}.lora_up.weight", raw(out.up)), (f"{name}.lora_down.weight", raw(out.down))]
+            inserted[first] = new + ([(f"{name}.alpha", alpha)] if alpha is not None else [])
+            continue
         replaced[keys["up"]] = raw(out.up)
         replaced[keys["down"]] = raw(out.down)
-        if enc.alpha is None:
+        if alpha is None:
             continue
-        alpha = raw(torch.tensor(enc.alpha, dtype=enc.alpha_dtype))
         if "alpha" in keys:
             replaced[keys["alpha"]] = alpha
         elif enc.style == detect.ALPHA_KEYS:
-            added_after[keys["down"]] = (f"{out.module.name}.alpha", alpha)
+            inserted[keys["down"]] = [(f"{name}.alpha", alpha)]
     tensors: dict[str, RawTensor] = {}
     for key, entry in source.header.tensors.items():
-        tensors[key] = replaced.get(key) or RawTensor(entry.dtype, entry.shape, read_raw(source.header, key))
-        if key in added_after:
-            new_key, value = added_after[key]
-            tensors[new_key] = value
+        if key not in dropped:
+            tensors[key] = replaced.get(key) or RawTensor(entry.dtype, entry.shape, read_raw(source.header, key))
+        tensors.update(inserted.get(key, ()))
     return tensors
 
 
