@@ -142,6 +142,9 @@ def test_policy_refusals_and_bad_requests(rig: tuple[Path, Daemon]) -> None:
     decision = next(e for e in shown["events"] if e["kind"] == "decided" and e["variant"] == tiny["id"])
     assert decision["detail"]["activate"] is False and "min_fro_retained 0.99" in decision["detail"]["reason"]
     assert "not activated" in cli(config, "show", str(path)).stdout
+    assert cli_json(config, "show", str(shown["id"]))["path"] == str(path)  # by id, too
+    table = cli(config, "list").stdout.splitlines()
+    assert table[0].split() == ["ID", "PATH", "ORIGINAL", "NOW", "ACTIVE", "VARIANTS"] and str(path) in table[2]
     again = cli_json(config, "enqueue", str(path), "--policy", "tiny")
     assert not again["created"] and again["job"]["id"] == queued["job"]["id"]
 
