@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -250,10 +251,11 @@ class Daemon:
         return view
 
     def collect(self, dry_run: bool, actor: str) -> Any:
-        keep = max((p.keep_variants for p in self.config.policies.values()), default=2)
-        from datetime import timedelta
-
-        return self.library.gc(dry_run=dry_run, keep_variants=keep, grace=timedelta(seconds=GC_GRACE_SECONDS), actor=actor)
+        """gc keeping each LoRA's newest reduced variants as its policy says (the most generous
+        count for a LoRA whose policy left the config)."""
+        by_policy = {name: p.keep_variants for name, p in self.config.policies.items()}
+        return self.library.gc(dry_run=dry_run, keep_variants=max(by_policy.values(), default=2),
+                               grace=timedelta(seconds=GC_GRACE_SECONDS), actor=actor, keep_by_policy=by_policy)  # fmt: skip
 
     def running_jobs(self) -> list[dict[str, Any]]:
         found = []
