@@ -11,9 +11,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from lorad.engine import ReduceSettings, plan_file, reduce_file
-from lorad.reduce.select import METHODS
+from lorad.reduce.methods import METHODS
 from lorad.report import Report
+
+# lorad.engine (and torch) load inside the commands, so `lorad status` and friends start fast.
 
 _BAR_MIN_MODULES = 20
 
@@ -45,7 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=func)
 
 
-def _settings(args: argparse.Namespace) -> ReduceSettings:
+def _settings(args: argparse.Namespace):  # -> lorad.engine.ReduceSettings
+    from lorad.engine import ReduceSettings
+
     method = args.method or ("budget" if args.budget_mb is not None else "fro")
     param = args.param if args.param is not None or method == "budget" else 0.9 if method == "fro" else None
     return ReduceSettings(method=method, param=param, max_rank=args.max_rank, budget_mb=args.budget_mb,
@@ -59,6 +62,8 @@ def _reduce(args: argparse.Namespace) -> int:
 
         args.path = args.input
         return enqueue_command(args)
+    from lorad.engine import reduce_file
+
     with _Bar(enabled=not args.json) as bar:
         report = reduce_file(args.input, args.output, _settings(args), progress=bar.update)
     _emit(report, args)
@@ -66,6 +71,8 @@ def _reduce(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from lorad.engine import plan_file
+
     with _Bar(enabled=not args.json) as bar:
         report = plan_file(args.input, _settings(args), progress=bar.update)
     _emit(report, args)

@@ -20,9 +20,10 @@ from typing import Any
 
 import yaml
 
-from lorad.errors import LoradError
+from lorad.errors import LoradError, ReduceError
+from lorad.reduce.methods import METHODS
+from lorad.reduce.methods import validate as validate_method
 
-METHODS = ("rank", "ratio", "fro", "cumulative", "budget", "project")
 DEVICES = ("auto", "cpu", "cuda")
 ACTIVATE = ("auto", "manual")
 DEFAULT_POLICY = "default"
@@ -409,22 +410,13 @@ def _policy(name: str, value: Any, at: _At) -> Policy:
 
 def _check_method_param(policy: Policy, doc: _Located, at: _At) -> None:
     """Each method's parameter, checked here so a typo fails at start, not on the first file."""
-    method, param = policy.method, policy.param
     where = at.child(doc, "param") if "param" in doc else at.child(doc, "method")
-    if method == "budget":
-        if policy.budget_mb is None:
-            raise at.child(doc, "method").error("method budget needs `budget_mb` (target size in MB)")
-        if policy.budget_mb <= 0:
-            raise at.child(doc, "budget_mb").error("must be greater than 0")
-        return
-    if param is None:
-        raise where.error(f"method {method} needs `param`")
-    if method in ("rank", "project") and (param < 1 or param != int(param)):
-        raise where.error(f"method {method} needs a whole rank >= 1, got {param}")
-    if method in ("fro", "cumulative") and not 0 < param <= 1:
-        raise where.error(f"method {method} needs 0 < param <= 1, got {param}")
-    if method == "ratio" and param < 1:
-        raise where.error(f"method ratio needs param >= 1 (largest/smallest kept value), got {param}")
+    if policy.method == "budget":
+        where = at.child(doc, "budget_mb") if "budget_mb" in doc else at.child(doc, "method")
+    try:
+        validate_method(policy.method, policy.param, policy.budget_mb)
+    except ReduceError as e:
+        raise where.error(str(e)) from None
 
 
 def _policies(value: Any, at: _At) -> dict[str, Policy]:

@@ -68,8 +68,8 @@ def test_unknown_policy_key_names_dotted_key_and_line() -> None:
 @pytest.mark.parametrize(
     ("replace", "by", "message"),
     [
-        ("method: rank", "method: svd", r"line 6: policies.default.method: expected one of rank, ratio"),
-        ("param: 8", "param: 0.5", r"line 7: policies.default.param: method rank needs a whole rank"),
+        ("method: rank", "method: svd", r"line 6: policies.default.method: expected one of rank, fro, ratio"),
+        ("param: 8", "param: 0.5", r"line 7: policies.default.param: method rank takes a whole rank"),
         ("param: 8", "param: eight", r"line 7: policies.default.param: expected a number, got 'eight'"),
         ("  - path: loras", "  - path: loras\n    recursive: maybe", r"line 4: watch\[0\].recursive: expected true or false"),
         ("  - path: loras", "  - path: loras\n    policy: fast", r"line 4: watch\[0\].policy: no policy named 'fast'"),
@@ -98,7 +98,7 @@ def test_duplicate_keys_and_bad_yaml_are_refused() -> None:
 
 def test_budget_needs_budget_mb() -> None:
     text = "policies:\n  small:\n    method: budget\n"
-    with pytest.raises(ConfigError, match=r"line 3: policies.small.method: method budget needs `budget_mb`"):
+    with pytest.raises(ConfigError, match=r"line 3: policies.small.method: method budget needs a size target in MiB"):
         parse_config(text)
 
 

@@ -14,30 +14,11 @@ from __future__ import annotations
 import torch
 
 from lorad.errors import ReduceError
+from lorad.reduce.methods import METHODS, validate
 
-METHODS = ("rank", "fro", "ratio", "cumulative", "budget", "project")
+__all__ = ["METHODS", "select_rank", "validate"]
+
 _KOHYA_MIN_SV = 1e-6  # resize_lora.py's MIN_SV: below it a module counts as a zero matrix
-
-
-def validate(method: str, param: float | None, budget_mb: float | None = None) -> None:
-    """Refuse a parameter the method cannot mean, with one line that says what it must be."""
-    if method not in METHODS:
-        raise ReduceError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "budget":
-        if budget_mb is None and param is None:
-            raise ReduceError("method budget needs --budget-mb (the file's size target in MiB)")
-        target = budget_mb if budget_mb is not None else param
-        if not target > 0:
-            raise ReduceError(f"budget must be a size in MiB above 0, got {target}")
-        return
-    if param is None:
-        raise ReduceError(f"method {method} needs --param")
-    if method in ("rank", "project") and (param < 1 or param != int(param)):
-        raise ReduceError(f"method {method} takes a whole rank >= 1 as --param, got {param}")
-    if method in ("fro", "cumulative") and not 0 < param <= 1:
-        raise ReduceError(f"method {method} takes --param in (0, 1], got {param}")
-    if method == "ratio" and not param >= 1:
-        raise ReduceError(f"method ratio takes --param >= 1 (largest / smallest kept value), got {param}")
 
 
 def select_rank(
