@@ -3,8 +3,6 @@ real `lorad daemon` subprocess driven through the real `lorad` CLI."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import signal
@@ -180,34 +178,16 @@ class Daemon:
 
 
 def cli(config: Path | None, *args: str, check: bool = True, socket: Path | None = None,
-        timeout: float = 60, env: dict[str, str] | None = None, subprocess_: bool = False) -> subprocess.CompletedProcess[str]:
-    """Run the real `lorad` command, finding the socket through `--config` (or `--socket`).
-
-    By default the CLI runs in this process (`lorad.cli.main`, the console script's function),
-    because a fresh interpreter pays the torch import on every call; `subprocess_=True` runs the
-    installed entry point (`python -m lorad`) in its own process."""
+        timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `lorad` command in its own process, finding the socket through `--config`
+    (or `--socket`)."""
     where = ["--socket", str(socket)] if socket else (["--config", str(config)] if config else [])
     argv = [args[0], *where, *args[1:]]
-    if subprocess_ or env is not None:
-        cmd = [sys.executable, "-m", "lorad", *argv]
-        result = subprocess.run(cmd, capture_output=True, text=True, env=env or lorad_env(), cwd=str(REPO), timeout=timeout)
-    else:
-        result = _in_process(argv)
+    cmd = [sys.executable, "-m", "lorad", *argv]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env or lorad_env(), cwd=str(REPO), timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
-
-
-def _in_process(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    from lorad.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as e:  # argparse errors
-            code = int(e.code or 0)
-    return subprocess.CompletedProcess(["lorad", *argv], code, out.getvalue(), err.getvalue())
 
 
 def cli_json(config: Path, *args: str) -> Any:

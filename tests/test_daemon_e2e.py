@@ -93,7 +93,7 @@ def test_drops_are_reduced_activated_and_survive_a_restart(rig: tuple[Path, Daem
     status = cli_json(config, "status")
     assert status["queue_depth"] == 0 and status["running"] == [] and status["device"] == "cpu"
     assert status["loras"] == 3 and status["saved_bytes"] > 0
-    human = cli(config, "status", subprocess_=True).stdout  # the installed entry point, too
+    human = cli(config, "status").stdout  # the installed entry point, too
     assert "queue: 0 waiting" in human and "saved" in human
 
     # revert puts the original's bytes back; switch puts a chosen variant's.
@@ -112,7 +112,7 @@ def test_drops_are_reduced_activated_and_survive_a_restart(rig: tuple[Path, Daem
 
     # A clean stop, a file dropped while the daemon is down, and a restart.
     assert daemon.stop(signal.SIGTERM) == 0
-    stopped = cli(config, "status", check=False, subprocess_=True)
+    stopped = cli(config, "status", check=False)
     assert stopped.returncode == 2 and "daemon is not running" in stopped.stderr
     while_down = make_lora(loras / "while-down.safetensors", seed=9)
     originals[while_down] = sha_of(while_down)
@@ -148,7 +148,7 @@ def test_policy_refusals_and_bad_requests(rig: tuple[Path, Daemon]) -> None:
     again = cli_json(config, "enqueue", str(path), "--policy", "tiny")
     assert not again["created"] and again["job"]["id"] == queued["job"]["id"]
 
-    outside = cli(config, "enqueue", "/etc/hostname", "--json", check=False, subprocess_=True)
+    outside = cli(config, "enqueue", "/etc/hostname", "--json", check=False)
     assert outside.returncode == 2 and json.loads(outside.stdout)["error"]["code"] == "outside_watch"
     assert "not inside a watched folder" in outside.stderr
     missing = cli(config, "switch", str(path), "999", "--json", check=False)
