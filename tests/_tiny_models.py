@@ -227,13 +227,13 @@ def file_deltas(path: Path) -> dict[str, FileModule]:
     """{module name as the file spells it: FileModule} for a kohya or diffusers file, or a PEFT dir."""
     if path.is_dir():
         return _peft_dir_deltas(path)
-    tensors, metadata = _read(path)
+    tensors, metadata = read_file(path)
     if any(k.startswith(("lora_unet_", "lora_te_")) for k in tensors):
         return _kohya_deltas(tensors)
     return _diffusers_deltas(tensors, metadata)
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(str(path), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
@@ -305,7 +305,7 @@ def _diffusers_scale(config, tensors, component: str, module: str, name: str, ra
 def _peft_dir_deltas(folder: Path) -> dict[str, FileModule]:
     """PEFT rule: scale = lora_alpha / r (or / sqrt(r) with rsLoRA), r and alpha from the patterns."""
     config = json.loads((folder / "adapter_config.json").read_text())
-    tensors, _ = _read(folder / "adapter_model.safetensors")
+    tensors, _ = read_file(folder / "adapter_model.safetensors")
     out = {}
     for key in tensors:
         if not key.endswith(".lora_A.weight"):
@@ -406,7 +406,7 @@ def write_kohya_dynamic(src: Path, dst: Path, ratio: float, per_module_alpha: bo
     per_module_alpha=True is what kohya's resize_lora.py --dynamic_method writes (alpha_i = scale*k_i,
     S in up), which diffusers mis-reads; False folds each scale into up under one alpha (1.0).
     """
-    tensors, metadata = _read(src)
+    tensors, metadata = read_file(src)
     out: dict[str, torch.Tensor] = {}
     for name, module in _kohya_deltas(tensors).items():
         k = fro_rank(module.delta, ratio)
@@ -422,7 +422,7 @@ def write_kohya_dynamic(src: Path, dst: Path, ratio: float, per_module_alpha: bo
 
 def write_diffusers_stale_metadata(src: Path, dst: Path, ratio: float) -> Path:
     """Reduce a diffusers file by hand to mixed ranks (scale folded) but keep its old metadata."""
-    tensors, metadata = _read(src)
+    tensors, metadata = read_file(src)
     config = json.loads(metadata["lora_adapter_metadata"])
     out: dict[str, torch.Tensor] = {}
     for name, module in _diffusers_deltas(tensors, metadata).items():

@@ -82,6 +82,23 @@ def assert_report_tells_truth(original: Path, output: Path, report: dict, expect
     return ranks
 
 
+MINIMAL_METADATA = {f"{c}.{k}" for c in ("unet", "text_encoder")
+                    for k in ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")}  # fmt: skip
+
+
+def assert_output_rules(kind: str, output: Path) -> None:
+    """The encodings every loader reads alike: kohya has ONE alpha for all modules (per-module alphas
+    are mis-read by diffusers); diffusers metadata is the minimal set (a full LoraConfig breaks older
+    PEFT). The loader comparison catches the consequences; this names the cause."""
+    tensors, metadata = tm.read_file(output)
+    if kind == "kohya":
+        alphas = {float(t) for k, t in tensors.items() if k.endswith(".alpha")}
+        assert len(alphas) == 1, f"per-module alphas written: {sorted(alphas)}"
+    if kind == "diffusers":
+        written = set(json.loads(metadata["lora_adapter_metadata"]))
+        assert written <= MINIMAL_METADATA, f"non-minimal adapter metadata: {sorted(written - MINIMAL_METADATA)}"
+
+
 def fro_rule(module: tm.FileModule) -> int:
     return tm.fro_rank(module.delta, FRO)
 
@@ -123,6 +140,9 @@ def test_checker_flags_per_module_alphas(originals: dict[str, Path], tmp_path: P
     with pytest.warns(RuntimeWarning, match="alpha_pattern keys did not match"):  # diffusers' bug
         problems = tm.mismatches(meant, tm.load_with_diffusers(per_module))
     assert any("loaded delta off" in p for p in problems)
+    with pytest.raises(AssertionError, match="per-module alphas"):
+        assert_output_rules("kohya", per_module)
+    assert_output_rules("kohya", constant)
 
 
 def test_checker_flags_stale_metadata(originals: dict[str, Path], tmp_path: Path) -> None:
@@ -130,6 +150,8 @@ def test_checker_flags_stale_metadata(originals: dict[str, Path], tmp_path: Path
     stale = tm.write_diffusers_stale_metadata(originals["diffusers"], tmp_path / "stale.safetensors", FRO)
     with pytest.raises(RuntimeError, match="size mismatch"):
         tm.load_with_diffusers(stale)
+    with pytest.raises(AssertionError, match="non-minimal adapter metadata"):
+        assert_output_rules("diffusers", stale)  # the full LoraConfig that save_lora_weights wrote
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,6 +163,7 @@ def test_fro_reduced_file_loads_exactly_in_diffusers(originals, reduced, kind: s
     output, report = reduced(kind, "fro", FRO)
     ranks = assert_report_tells_truth(originals[kind], output, report, fro_rule)
     assert len(set(ranks)) > 3, "the planted spectra should give mixed ranks"
+    assert_output_rules(kind, output)
     assert tm.mismatches(tm.file_deltas(output), tm.load_with_diffusers(output)) == []
 
 
@@ -149,6 +172,7 @@ def test_rank_reduced_file_loads_exactly_in_diffusers(originals, reduced, kind: 
     output, report = reduced(kind, "rank", RANK)
     ranks = assert_report_tells_truth(originals[kind], output, report, rank_rule)
     assert set(ranks) == {RANK}
+    assert_output_rules(kind, output)
     assert tm.mismatches(tm.file_deltas(output), tm.load_with_diffusers(output)) == []
 
 
