@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, or_, select
+from sqlalchemy.exc import IntegrityError
 
 from lorad.db.models import Job, utcnow
 from lorad.db.session import Database
@@ -110,6 +111,18 @@ class Queue:
     ) -> tuple[JobView, bool]:
         """The job for this original and policy, created when new; `retry_failed` revives a failed
         one (an explicit request). Returns (job, created)."""
+        args = (blob_sha256, lora_id, policy, policy_hash, kind, retry_failed)
+        try:
+            return self._find_or_add(*args)
+        except IntegrityError:
+            # Another worker added this job between our look-up and our insert: possible under
+            # PostgreSQL's READ COMMITTED (SQLite's BEGIN IMMEDIATE rules it out). It exists now.
+            return self._find_or_add(*args)
+
+    def _find_or_add(
+        self, blob_sha256: str, lora_id: int | None, policy: str, policy_hash: str, kind: str,
+        retry_failed: bool,
+    ) -> tuple[JobView, bool]:
         with self.db.write() as s:
             job = s.scalars(
                 select(Job).where(Job.kind == kind, Job.blob_sha256 == blob_sha256, Job.policy_hash == policy_hash)
