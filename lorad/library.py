@@ -314,8 +314,9 @@ class Library:
                 lora = repo.lora_by_path(s, str(target))
                 lora_id = lora.id if lora else None
             if lora_id is not None:
-                self._reconcile(lora_id, actor)
+                self._reconcile(lora_id, actor, trust_stamp=True)
                 return self.lora(lora_id)
+            stamp = FileStamp.of_path(target)
             info, record = self._store_file(target)
             _crashpoint("ingest:after-store")
             with self.db.write() as s:
@@ -324,6 +325,7 @@ class Library:
                 variant = repo.original_with_blob(s, lora, info.sha256)
                 repo.set_original(s, lora, variant)
                 repo.set_active(s, lora, variant)
+                lora.file_stamp = _unchanged_token(target, stamp)
                 repo.record_event(s, "ingested", actor, lora.id, variant.id, sha256=info.sha256,
                                   bytes=info.bytes, path=str(target))  # fmt: skip
                 lora_id = lora.id
@@ -401,11 +403,13 @@ class Library:
             if current != wanted.id:
                 _crashpoint("put:before-materialize")
                 self._materialize(wanted, path, stamp, actor)
+            written = FileStamp.of_path(path)  # what lorad itself just put there
             with self.db.write() as s:
                 row = s.get(Lora, lora_id)
                 variant = s.get(Variant, wanted.id)
                 assert row is not None and variant is not None
                 repo.set_active(s, row, variant)
+                row.file_stamp = written.token if written else None
                 repo.record_event(s, kind, actor, lora_id, wanted.id, previous_variant=current,
                                   sha256=wanted.blob_sha256, path=str(path))  # fmt: skip
             _crashpoint("put:after-commit")
@@ -452,40 +456,59 @@ class Library:
 
     # -- reconciling disk and records -----------------------------------------------------------
 
-    def _reconcile(self, lora_id: int, actor: str) -> _FileState:
-        """Bring the records to what the watched file holds, and say what that is."""
+    def _reconcile(self, lora_id: int, actor: str, trust_stamp: bool = False) -> _FileState:
+        """Bring the records to what the watched file holds, and say what that is.
+
+        trust_stamp: a file whose (device, inode, size, mtime) is the one recorded when lorad last
+        knew its contents is taken as unchanged, unhashed: rescans of large libraries stay cheap.
+        Everything else (activate, switch, revert, verify) hashes.
+        """
         with self.db.read() as s:
             row = s.get(Lora, lora_id)
             assert row is not None
-            path, active_id = Path(row.path), row.active_variant_id
+            path, active_id, known_stamp = Path(row.path), row.active_variant_id, row.file_stamp
             active = s.get(Variant, active_id) if active_id is not None else None
             active_sha = active.blob_sha256 if active else None
+        stamp = FileStamp.of_path(path)
+        if trust_stamp and stamp is not None and stamp.token == known_stamp and active_sha:
+            return _FileState("in-sync", active_id, active_id, active_sha)
         try:
             sha = hash_file(path)
         except (FileNotFoundError, IsADirectoryError):
             return _FileState("gone", None, active_id)
+        token = _unchanged_token(path, stamp)
         if sha == active_sha:
+            self._record_stamp(lora_id, known_stamp, token)
             return _FileState("in-sync", active_id, active_id, sha)
         with self.db.read() as s:
             known = repo.variant_with_blob(s, lora_id, sha)
             known_id = known.id if known else None
         if known_id is not None:
-            self._record_reconciled(lora_id, active_id, known_id, actor)
+            self._record_reconciled(lora_id, active_id, known_id, actor, token)
             return _FileState("reconciled", known_id, active_id, sha)
         if not _is_complete(path):
             return _FileState("unsettled", None, active_id, sha)  # being written: nothing to adopt yet
         new_id = self._adopt_new_original(lora_id, path, active_id, actor)
         return _FileState("new-original", new_id, active_id, sha)
 
-    def _record_reconciled(self, lora_id: int, old: int | None, new: int, actor: str) -> None:
+    def _record_stamp(self, lora_id: int, old: str | None, new: str | None) -> None:
+        if new is not None and new != old:
+            with self.db.write() as s:
+                row = s.get(Lora, lora_id)
+                assert row is not None
+                row.file_stamp = new
+
+    def _record_reconciled(self, lora_id: int, old: int | None, new: int, actor: str, token: str | None) -> None:
         with self.db.write() as s:
             row = s.get(Lora, lora_id)
             assert row is not None
             repo.set_active(s, row, s.get(Variant, new))  # type: ignore[arg-type]
+            row.file_stamp = token
             repo.record_event(s, "verified", actor, lora_id, new, reconciled=True,
                               previous_variant=old, reason="the watched file holds this variant")  # fmt: skip
 
     def _adopt_new_original(self, lora_id: int, path: Path, old: int | None, actor: str) -> int:
+        stamp = FileStamp.of_path(path)
         info, record = self._store_file(path)
         with self.db.write() as s:
             row = s.get(Lora, lora_id)
@@ -494,6 +517,7 @@ class Library:
             variant = repo.original_with_blob(s, row, info.sha256)
             repo.set_original(s, row, variant)
             repo.set_active(s, row, variant)
+            row.file_stamp = _unchanged_token(path, stamp)
             repo.record_event(s, "ingested", actor, lora_id, variant.id, sha256=info.sha256,
                               bytes=info.bytes, path=str(path), previous_variant=old,
                               reason="changed outside lorad")  # fmt: skip
@@ -728,6 +752,11 @@ class Library:
                 repo.record_event(s, "failed", actor, lora_id, op=op, subject=str(subject), error=str(error))
         except Exception as e:  # the audit trail must not hide the error being reported
             log.warning("could not record a failure", op=op, error=str(e))
+
+
+def _unchanged_token(path: Path, before: FileStamp | None) -> str | None:
+    """The stamp taken before hashing, if the file still has it (else it moved while hashed)."""
+    return before.token if before is not None and FileStamp.of_path(path) == before else None
 
 
 def _is_complete(path: Path) -> bool:

@@ -77,6 +77,18 @@ class FileStamp:
     def of(cls, st: os.stat_result) -> FileStamp:
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
+    @classmethod
+    def of_path(cls, path: Path) -> FileStamp | None:
+        try:
+            return cls.of(os.stat(path))
+        except FileNotFoundError:
+            return None
+
+    @property
+    def token(self) -> str:
+        """The stamp as one string, as the records keep it."""
+        return f"{self.device}:{self.inode}:{self.size}:{self.mtime_ns}"
+
 
 def _remove_quietly(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):

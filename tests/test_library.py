@@ -192,6 +192,31 @@ def test_a_hand_edited_watched_file_becomes_a_new_original_and_is_never_overwrit
     assert_consistent(lib)
 
 
+def test_rescans_trust_an_unchanged_stamp_and_verify_always_rehashes(tmp_path, root, lib):
+    path = make_lora(root / "style.safetensors")
+    first = lib.ingest(path).original
+    r4, _ = _reduce(lib, path, 4, tmp_path / "work")
+    lib.activate(path, r4.id)
+    # A same-size edit with the old mtime put back: the stamp cannot see it, by design.
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    lib.ingest(path)  # a rescan: trusts the stamp, no hashing
+    assert lib.lora(path).active.id == r4.id
+    report = lib.verify()  # verify hashes everything and takes the edit in as a new original
+    assert [r.new_original for r in report.reconciled] == [True]
+    assert lib.lora(path).original.blob_sha256 == sha256_of(path) != first.blob_sha256
+    # An ordinary edit moves the mtime: a rescan notices it without verify.
+    make_lora(tmp_path / "v2.safetensors", seed=7)
+    os.replace(tmp_path / "v2.safetensors", path)
+    lib.ingest(path)
+    assert lib.lora(path).original.blob_sha256 == sha256_of(path)
+    assert_consistent(lib)
+
+
 def test_a_watched_file_being_rewritten_is_left_alone(tmp_path, root, lib):
     path = make_lora(root / "style.safetensors")
     lib.ingest(path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 
 import sqlalchemy as sa
@@ -43,7 +42,7 @@ def test_upgrade_from_empty_then_downgrade_to_base(tmp_path):
     url = f"sqlite:///{db}"
     assert migrate.current(url) is None
     assert migrate.upgrade(url) is None  # nothing to back up: the database was empty
-    assert migrate.current(url) == migrate.head() == "0001"
+    assert migrate.current(url) == migrate.head() == "0002"
     assert _tables(db) == TABLES
     migrate.downgrade(url, "base")
     assert migrate.current(url) is None
@@ -70,50 +69,25 @@ def test_the_comparison_notices_a_model_the_migrations_lack(tmp_path):
     assert [(d[0], d[3].name) for d in diff] == [("add_column", "colour")]
 
 
-def test_upgrade_backs_up_the_database_before_a_pending_migration(tmp_path, monkeypatch):
-    # A second revision in a copy of the scripts stands in for the next release's migration.
-    scripts = tmp_path / "migrations"
-    shutil.copytree(migrate.script_location(), scripts, ignore=shutil.ignore_patterns("__pycache__"))
-    (scripts / "versions" / "0002_colour.py").write_text(NEXT_REVISION)
-    monkeypatch.setenv("LORAD_MIGRATIONS", str(scripts))
+def test_upgrade_backs_up_the_database_before_a_pending_migration(tmp_path):
+    # A database left at revision 0001 by an older lorad meets the real 0002 (loras.file_stamp).
     db = tmp_path / "lorad.db"
     url = f"sqlite:///{db}"
     migrate.upgrade(url, "0001")
     with sqlite3.connect(db) as conn:
         conn.execute(
-            "INSERT INTO blobs (sha256, bytes, data_sha256, autov2, autov3, created_at) "
-            "VALUES ('ab', 1, 'cd', 'ab', 'cd', '2026-01-01 00:00:00')"
+            "INSERT INTO loras (path, folder, created_at, updated_at) "
+            "VALUES ('/loras/a.safetensors', '/loras', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
         )
     backup = migrate.upgrade(url)
     assert migrate.current(url) == "0002"
     assert backup is not None and backup.parent == tmp_path and "0001-to-0002" in backup.name
     with sqlite3.connect(backup) as conn:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
-        assert conn.execute("SELECT sha256 FROM blobs").fetchall() == [("ab",)]
+        assert conn.execute("SELECT path FROM loras").fetchall() == [("/loras/a.safetensors",)]
     with sqlite3.connect(db) as conn:  # the migration kept the data (batch move-and-copy)
-        assert conn.execute("SELECT sha256, colour FROM blobs").fetchall() == [("ab", None)]
+        assert conn.execute("SELECT path, file_stamp FROM loras").fetchall() == [("/loras/a.safetensors", None)]
     assert migrate.upgrade(url) is None  # at head: no backup, nothing done
-
-
-NEXT_REVISION = """
-import sqlalchemy as sa
-from alembic import op
-
-revision = "0002"
-down_revision = "0001"
-branch_labels = None
-depends_on = None
-
-
-def upgrade():
-    with op.batch_alter_table("blobs") as batch:
-        batch.add_column(sa.Column("colour", sa.Text(), nullable=True))
-
-
-def downgrade():
-    with op.batch_alter_table("blobs") as batch:
-        batch.drop_column("colour")
-"""
 
 
 def _lorad(capsys, *args: str) -> tuple[int, str, str]:
@@ -133,10 +107,10 @@ def test_cli_db_current_and_upgrade(tmp_path, capsys):
 
     code, out, err = _lorad(capsys, "db", "upgrade", "--state-dir", str(state))
     assert code == 0, err
-    assert out == f"sqlite:///{state / 'lorad.db'}: upgraded empty -> 0001"
-    assert _lorad(capsys, "db", "current", "--state-dir", str(state))[1] == "0001 (head)"
+    assert out == f"sqlite:///{state / 'lorad.db'}: upgraded empty -> 0002"
+    assert _lorad(capsys, "db", "current", "--state-dir", str(state))[1] == "0002 (head)"
     code, out, _ = _lorad(capsys, "db", "upgrade", "--database", f"sqlite:///{state / 'lorad.db'}")
-    assert out.endswith("already at head 0001")
+    assert out.endswith("already at head 0002")
     assert _tables(state / "lorad.db") == TABLES
 
 

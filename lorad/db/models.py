@@ -100,6 +100,9 @@ class Lora(Base):
     active_variant_id: Mapped[int | None] = mapped_column(
         ForeignKey("variants.id", use_alter=True, name="fk_loras_active_variant_id_variants")
     )
+    # device:inode:size:mtime_ns of the file when lorad last knew it to hold the active variant: a
+    # rescan that finds the same stamp trusts it instead of re-hashing (verify always re-hashes).
+    file_stamp: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
