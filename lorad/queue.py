@@ -216,7 +216,10 @@ class Queue:
         """Running jobs whose lease ran out (their worker died): pending again."""
         now = self._now()
         with self.db.write() as s:
-            jobs = s.scalars(select(Job).where(Job.state == RUNNING, Job.lease_until < now)).all()
+            # Row locks (PostgreSQL; SQLite's BEGIN IMMEDIATE already serialises) keep a job that
+            # completes at this very moment from being flipped back to pending.
+            expired = select(Job).where(Job.state == RUNNING, Job.lease_until < now).with_for_update()
+            jobs = s.scalars(expired).all()
             for job in jobs:
                 _move(job, PENDING)
                 job.lease_until = job.worker = None
@@ -270,7 +273,7 @@ def _move(job: Job, to: str) -> None:
 
 
 def _owned(s, job_id: int, worker: str) -> Job:  # type: ignore[no-untyped-def]
-    job = s.get(Job, job_id)
+    job = s.get(Job, job_id, with_for_update=True)  # held until the caller's write commits
     if job is None or job.state != RUNNING or job.worker != worker:
         raise LeaseLost(f"job {job_id} is no longer held by {worker}")
     return job
