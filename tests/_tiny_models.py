@@ -164,17 +164,21 @@ def trained_pipeline() -> StableDiffusionPipeline:
     return pipe
 
 
-def write_diffusers_lora(pipe: StableDiffusionPipeline, folder: Path) -> Path:
-    """The genuine diffusers way: save_lora_weights with each component's full LoraConfig as metadata."""
+def write_diffusers_lora(pipe: StableDiffusionPipeline, folder: Path, with_metadata: bool = True) -> Path:
+    """The genuine diffusers way: save_lora_weights, by default with each component's full LoraConfig
+    as metadata. Without it the file loads at scale 1 (lora_alpha is lost; formats.md rule 5)."""
+    name = "tiny_diffusers.safetensors" if with_metadata else "tiny_diffusers_nometa.safetensors"
+    configs = {c: getattr(pipe, c).peft_config["default"].to_dict() if with_metadata else None
+               for c in ("unet", "text_encoder")}  # fmt: skip
     StableDiffusionPipeline.save_lora_weights(
         folder,
         unet_lora_layers=get_peft_model_state_dict(pipe.unet),
         text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
-        unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),
-        text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["default"].to_dict(),
-        weight_name="tiny_diffusers.safetensors",
+        unet_lora_adapter_metadata=configs["unet"],
+        text_encoder_lora_adapter_metadata=configs["text_encoder"],
+        weight_name=name,
     )
-    return folder / "tiny_diffusers.safetensors"
+    return folder / name
 
 
 def kohya_name(component: str, module_path: str) -> str:
@@ -184,16 +188,17 @@ def kohya_name(component: str, module_path: str) -> str:
     return "lora_te_text_model_" + module_path.replace(".", "_")
 
 
-def write_kohya_lora(pipe: StableDiffusionPipeline, path: Path) -> Path:
-    """A kohya file for the same modules: lora_down/lora_up/alpha, alpha != rank so scale matters."""
+def write_kohya_lora(pipe: StableDiffusionPipeline, path: Path, with_alpha: bool = True) -> Path:
+    """A kohya file for the same modules: lora_down/lora_up/alpha, alpha != rank so scale matters.
+    Without alpha keys every loader takes alpha = rank (scale 1), as ComfyUI's extractor writes."""
     tensors: dict[str, torch.Tensor] = {}
     for component in ("unet", "text_encoder"):
         for module_path, layer in _lora_layers(getattr(pipe, component)):
             name = kohya_name(component, module_path)
             tensors[f"{name}.lora_down.weight"] = layer.lora_A["default"].weight.detach().clone()
             tensors[f"{name}.lora_up.weight"] = layer.lora_B["default"].weight.detach().clone()
-            alpha = layer.lora_alpha["default"]
-            tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+            if with_alpha:
+                tensors[f"{name}.alpha"] = torch.tensor(float(layer.lora_alpha["default"]))
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(UNET_RANK),
                 "ss_network_alpha": str(UNET_ALPHA), "ss_base_model_version": "sd_v1"}  # fmt: skip
     save_file(tensors, str(path), metadata=metadata)

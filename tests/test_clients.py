@@ -30,33 +30,42 @@ LOADERS = {"diffusers": tm.load_with_diffusers, "kohya": tm.load_with_diffusers,
 
 
 @pytest.fixture(scope="module")
-def originals(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The three un-reduced LoRAs, built once for the module (about a second)."""
+def trained() -> tm.StableDiffusionPipeline:
+    """The tiny pipeline with its planted adapters: what the LoRA files were saved from."""
+    return tm.trained_pipeline()
+
+
+@pytest.fixture(scope="module")
+def originals(trained, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The un-reduced LoRAs, built once for the module (about a second)."""
     folder = tmp_path_factory.mktemp("originals")
-    pipe = tm.trained_pipeline()
+    pipe = trained
     return {
         "diffusers": tm.write_diffusers_lora(pipe, folder),
         "kohya": tm.write_kohya_lora(pipe, folder / "tiny_kohya.safetensors"),
         "peft": tm.write_peft_dir(folder / "tiny_peft"),
+        "diffusers-no-metadata": tm.write_diffusers_lora(pipe, folder, with_metadata=False),
+        "kohya-no-alpha": tm.write_kohya_lora(pipe, folder / "tiny_kohya_noalpha.safetensors", with_alpha=False),
     }
 
 
-ReduceFn = Callable[[str, str, float], tuple[Path, dict]]
+ReduceFn = Callable[..., tuple[Path, dict]]
 
 
 @pytest.fixture(scope="module")
 def reduced(originals: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> ReduceFn:
     """reduced(kind, method, param) -> (output path, report JSON), each made once by the engine API."""
     folder = tmp_path_factory.mktemp("reduced")
-    made: dict[tuple[str, str, float], tuple[Path, dict]] = {}
+    made: dict[tuple, tuple[Path, dict]] = {}
 
-    def reduce(kind: str, method: str, param: float) -> tuple[Path, dict]:
-        if (kind, method, param) not in made:
+    def reduce(kind: str, method: str, param: float, dtype: str | None = None) -> tuple[Path, dict]:
+        key = (kind, method, param, dtype)
+        if key not in made:
             src = originals[kind]
-            dst = folder / (f"{kind}.{method}{param}" + ("" if src.is_dir() else ".safetensors"))
-            report = reduce_file(src, dst, ReduceSettings(method=method, param=param))
-            made[kind, method, param] = dst, report.to_json()
-        return made[kind, method, param]
+            dst = folder / (f"{kind}.{method}{param}{dtype or ''}" + ("" if src.is_dir() else ".safetensors"))
+            report = reduce_file(src, dst, ReduceSettings(method=method, param=param, dtype=dtype))
+            made[key] = dst, report.to_json()
+        return made[key]
 
     return reduce
 
@@ -91,10 +100,12 @@ def assert_output_rules(kind: str, output: Path) -> None:
     are mis-read by diffusers); diffusers metadata is the minimal set (a full LoraConfig breaks older
     PEFT). The loader comparison catches the consequences; this names the cause."""
     tensors, metadata = tm.read_file(output)
-    if kind == "kohya":
-        alphas = {float(t) for k, t in tensors.items() if k.endswith(".alpha")}
-        assert len(alphas) == 1, f"per-module alphas written: {sorted(alphas)}"
-    if kind == "diffusers":
+    if kind.startswith("kohya"):
+        alphas = [float(t) for k, t in tensors.items() if k.endswith(".alpha")]
+        downs = [k for k in tensors if k.endswith(".lora_down.weight")]
+        assert len(set(alphas)) == 1, f"per-module alphas written: {sorted(set(alphas))}"
+        assert len(alphas) == len(downs), "modules without alpha (diffusers < 0.40 mis-scales those)"
+    if kind.startswith("diffusers"):
         written = set(json.loads(metadata["lora_adapter_metadata"]))
         assert written <= MINIMAL_METADATA, f"non-minimal adapter metadata: {sorted(written - MINIMAL_METADATA)}"
 
@@ -119,12 +130,11 @@ def test_original_files_load_exactly(originals: dict[str, Path], kind: str) -> N
     assert tm.mismatches(meant, LOADERS[kind](originals[kind])) == []
 
 
-def test_genuine_files_mean_the_trained_adapter(originals: dict[str, Path]) -> None:
+def test_genuine_files_mean_the_trained_adapter(trained, originals: dict[str, Path]) -> None:
     """diffusers (with metadata) and kohya (with alphas) files carry the trained update, scale included."""
-    pipe = tm.trained_pipeline()
-    trained = tm.loaded_deltas(unet=pipe.unet, text_encoder=pipe.text_encoder)
+    adapter = tm.loaded_deltas(unet=trained.unet, text_encoder=trained.text_encoder)
     for kind in ("diffusers", "kohya"):
-        assert tm.mismatches(tm.file_deltas(originals[kind]), trained) == [], kind
+        assert tm.mismatches(tm.file_deltas(originals[kind]), adapter) == [], kind
 
 
 def test_checker_flags_per_module_alphas(originals: dict[str, Path], tmp_path: Path) -> None:
@@ -172,6 +182,18 @@ def test_rank_reduced_file_loads_exactly_in_diffusers(originals, reduced, kind: 
     output, report = reduced(kind, "rank", RANK)
     ranks = assert_report_tells_truth(originals[kind], output, report, rank_rule)
     assert set(ranks) == {RANK}
+    assert_output_rules(kind, output)
+    assert tm.mismatches(tm.file_deltas(output), tm.load_with_diffusers(output)) == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "dtype"), [("diffusers-no-metadata", None), ("kohya-no-alpha", None), ("kohya", "fp16")]
+)
+def test_other_real_variants_load_exactly_in_diffusers(originals, reduced, kind: str, dtype: str | None) -> None:
+    """Files without metadata or alphas (scale 1) and fp16 output, as most shared LoRAs are."""
+    output, report = reduced(kind, "fro", FRO, dtype)
+    ranks = assert_report_tells_truth(originals[kind], output, report, fro_rule)
+    assert len(set(ranks)) > 3
     assert_output_rules(kind, output)
     assert tm.mismatches(tm.file_deltas(output), tm.load_with_diffusers(output)) == []
 
