@@ -328,13 +328,24 @@ def _stamp_or_none(path: Path) -> FileStamp | None:
         return None
 
 
+def _current_umask() -> int:
+    """The umask, read without setting it: os.umask() can only be read by changing it, process-
+    wide, which would open a window where other threads create world-writable files."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022  # the usual default, where /proc does not say
+
+
 def _target_mode_owner(target: Path) -> tuple[int, tuple[int, int] | None]:
     """Keep the replaced file's permissions (and owner, when we may set it); else 0666 - umask."""
     try:
         st = os.stat(target)
     except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask, None
+        return 0o666 & ~_current_umask(), None
     owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
     return stat.S_IMODE(st.st_mode), owner

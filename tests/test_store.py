@@ -86,6 +86,18 @@ def test_materialize_replaces_the_target_keeping_its_mode(tmp_path, lora):
     assert not temp_name(lora).exists()
 
 
+def test_materialize_to_a_new_path_follows_the_umask_without_changing_it(tmp_path, lora):
+    store = Store(tmp_path / "state", link_mode="copy")
+    sha = store.ingest(lora).sha256
+    old = os.umask(0o027)
+    try:
+        store.materialize(sha, tmp_path / "new.safetensors")
+        assert os.umask(0o027) == 0o027  # read, never reset along the way
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new.safetensors").stat().st_mode) == 0o640
+
+
 def test_reflink_or_copy_yields_the_blob_bytes(tmp_path, lora):
     store = Store(tmp_path / "state")  # default: reflink where the filesystem can, else copy
     sha = store.ingest(make_lora(tmp_path / "other.safetensors", seed=3)).sha256
