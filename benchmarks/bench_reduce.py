@@ -114,8 +114,8 @@ def compare_ranks(report: dict, baseline_ranks: dict[str, int]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--input", type=Path, default=DEFAULT_INPUT)
-    parser.add_argument("--limit", type=int, help="generate a smaller input (only when --input is missing)")
+    parser.add_argument("--input", type=Path, help=f"default {DEFAULT_INPUT} (made when missing)")
+    parser.add_argument("--limit", type=int, help="use a generated N-module input (out/sdxl_r128_limitN)")
     parser.add_argument("--repeat", type=int, default=1, help="lorad runs; the median wall time is printed")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--param", type=float, default=0.9)
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     OUT.mkdir(exist_ok=True)
-    src = args.input
+    src = args.input or (OUT / f"sdxl_r128_limit{args.limit}.safetensors" if args.limit else DEFAULT_INPUT)
     ensure_input(src, args.limit)
     stem = src.name.removesuffix(".safetensors")
     print(f"input: {src} ({src.stat().st_size:,} B); load average {os.getloadavg()[0]:.2f} "
