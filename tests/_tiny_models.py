@@ -107,7 +107,7 @@ def fresh_unet(seed: int = SEED) -> UNet2DConditionModel:
 
 
 def planted_factors(out_f: int, in_f: int, rank: int, decay: float, gen: torch.Generator):
-    """Factors (up, down) whose product is Qb.diag(s).Qa^T with s_i = exp(-decay*i) (+ a floor).
+    """Factors (up, down) whose product is Qb.diag(s).Qa^T, s_i = 0.2*exp(-decay*i) + 1e-4 (a floor).
 
     A random well-conditioned r x r mixer G sits between them (up = Qb.diag(s).G,
     down = G^-1.Qa^T) so neither factor is orthonormal: a reducer must really decompose them.
@@ -129,11 +129,11 @@ def _decays(count: int) -> list[float]:
 
 def plant_lora_weights(model: torch.nn.Module, adapter: str = "default", seed: int = SEED) -> None:
     """Overwrite every LoRA layer's A/B of `model` with planted factors (seeded, per-module decay)."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    layers = _lora_layers(model)
     gen = torch.Generator().manual_seed(seed)
     decays = _decays(len(layers))
     order = torch.randperm(len(layers), generator=gen).tolist()  # decay not tied to depth
-    for (name, layer), which in zip(layers, order):
+    for (_, layer), which in zip(layers, order):
         a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         scale = layer.scaling[adapter]
         up, down = planted_factors(b.shape[0], a.shape[1], a.shape[0], decays[which], gen)
@@ -143,7 +143,7 @@ def plant_lora_weights(model: torch.nn.Module, adapter: str = "default", seed: i
 
 
 # ---------------------------------------------------------------------------------------------
-# The three LoRA files
+# The LoRA files (diffusers, kohya, PEFT; variants without metadata or alphas)
 
 
 def unet_lora_config(rank: int = UNET_RANK, alpha: float = UNET_ALPHA) -> LoraConfig:
