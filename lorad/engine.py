@@ -19,7 +19,7 @@ import torch
 from lorad.errors import FormatError, ReduceError
 from lorad.formats import encode, writer
 from lorad.formats.lora import LoraSource, Module, Reader, most_common, open_lora, read_scalar
-from lorad.formats.safetensors_file import file_data_sha256, file_sha256
+from lorad.formats.safetensors_file import file_hashes
 from lorad.reduce import budget as budget_mod
 from lorad.reduce import metrics, select
 from lorad.reduce.lycoris import loha_delta, lokr_delta
@@ -108,10 +108,10 @@ def _run(src: Path, dst: Path | None, settings: ReduceSettings, progress: Progre
     if not source.reducible:
         raise ReduceError(f"{src}: none of its {len(source.modules)} modules can be reduced "
                           f"({source.modules[0].skip})")
-    input_info = FileInfo(str(src), file_sha256(source.weights), source.header.file_bytes, source.format,
-                          len(source.modules))
+    source_sha256, source_data_sha256 = file_hashes(source.weights, source.header)
+    input_info = FileInfo(str(src), source_sha256, source.header.file_bytes, source.format, len(source.modules))
     notes: list[str] = []
-    enc = encode.choose_encoding(source, _reference_rank(source, settings))
+    enc = encode.choose_encoding(source, _reference_rank(source, settings), settings.dtype)
     if settings.method == "budget":
         spectra = _spectra_for_budget(source, settings, device)
         fixed_ranks = _allocate(source, settings, spectra, 0, notes)
@@ -121,7 +121,7 @@ def _run(src: Path, dst: Path | None, settings: ReduceSettings, progress: Progre
         module_reports = _Job(source, settings, device, enc, fixed_ranks, progress).plan()
         output = None
     else:
-        extra = {"lorad.source_autov3": _source_data_hash(source)}
+        extra = {"lorad.source_autov3": source_data_sha256[:12]}
         provenance = writer.provenance_keys(input_info.sha256, settings.method, _param(settings), extra)
         for attempt in range(3):
             module_reports, outputs = _Job(source, settings, device, enc, fixed_ranks, progress).reduce()
@@ -151,10 +151,6 @@ def _param(settings: ReduceSettings) -> float | None:
     if settings.method == "budget" and settings.budget_mb is not None:
         return settings.budget_mb
     return settings.param
-
-
-def _source_data_hash(source: LoraSource) -> str:
-    return file_data_sha256(source.weights, source.header)[:12]
 
 
 def _reference_rank(source: LoraSource, settings: ReduceSettings) -> int:

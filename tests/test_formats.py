@@ -154,3 +154,9 @@ def test_convert_lycoris_rebuilds_loha_and_lokr_as_plain_lora(tmp_path):
     assert lf.rel_diff(lokr.double(), after["lora_unet_c_ff"]) < 0.05
     with safe_open(report.output.path, "pt") as f:
         assert len({float(f.get_tensor(k)) for k in f.keys() if k.endswith(".alpha")}) == 1
+
+
+def test_dtype_override_applies_to_alpha_too(tmp_path):
+    src = lf.kohya_file(tmp_path / "k.safetensors", dtype=torch.float32)
+    out = reduce_file(src, tmp_path / "o.safetensors", ReduceSettings("fro", 0.9, dtype="fp16")).output.path
+    assert {e.dtype for e in read_header(out).tensors.values()} == {"F16"}

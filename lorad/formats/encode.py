@@ -35,7 +35,7 @@ class Encoding:
         return self.alpha / (math.sqrt(rank) if self.rslora else rank)
 
 
-def choose_encoding(source: LoraSource, reference_rank: int) -> Encoding:
+def choose_encoding(source: LoraSource, reference_rank: int, dtype_override: str | None = None) -> Encoding:
     """One alpha for the whole file: the input's usual scale at `reference_rank`.
 
     So a fixed-rank reduction of a uniform file writes what kohya writes (alpha = scale * k, no
@@ -46,7 +46,7 @@ def choose_encoding(source: LoraSource, reference_rank: int) -> Encoding:
     rslora = bool((source.peft_config or {}).get("use_rslora"))
     usual_scale = most_common([m.scale for m in source.reducible], 1.0)
     alpha = usual_scale * (math.sqrt(reference_rank) if rslora else reference_rank)
-    dtype = _alpha_dtype(source)
+    dtype = DTYPE_NAMES[dtype_override] if dtype_override else _alpha_dtype(source)  # kohya: alpha in the save dtype
     alpha = float(torch.tensor(alpha, dtype=dtype))  # exactly what the file will hold
     if alpha == 0.0:
         alpha = float(torch.tensor(float(reference_rank), dtype=dtype))

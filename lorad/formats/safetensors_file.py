@@ -258,6 +258,18 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def file_hashes(path: str | os.PathLike[str], header: Header) -> tuple[str, str]:
+    """(sha256 of the file, sha256 of its data section) in one read of the file."""
+    whole, data = hashlib.sha256(), hashlib.sha256()
+    with open(path, "rb") as f:
+        head = f.read(header.data_offset)
+        whole.update(head)
+        while block := f.read(1 << 20):
+            whole.update(block)
+            data.update(block)
+    return whole.hexdigest(), data.hexdigest()
+
+
 def file_data_sha256(path: str | os.PathLike[str], header: Header | None = None) -> str:
     """sha256 of everything after the header: addnet / sshs_model_hash / Civitai AutoV3 (full)."""
     header = header or read_header(path)
