@@ -21,7 +21,7 @@ from lorad.library import Library, VariantView
 from lorad.queue import DONE, FAILED, PENDING, RUNNING, LeaseLost, Queue
 from tests._pg import pg_server, pg_url  # noqa: F401  (fixtures)
 from tests._store_fixtures import make_lora, sha256_of, table
-from tests.test_library import _events, _reduce
+from tests.test_library import _events, _reduce, root  # noqa: F401 - root is a fixture
 from tests.test_migrations import TABLES, _diff
 from tests.test_queue import Clock, sha
 
@@ -68,13 +68,6 @@ def test_the_comparison_notices_a_model_the_migrations_lack(pg_url):
 
 
 # -- the library -----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def root(tmp_path) -> Path:
-    folder = tmp_path / "loras"
-    folder.mkdir()
-    return folder
 
 
 @pytest.fixture
