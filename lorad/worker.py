@@ -9,6 +9,7 @@ tick and given back to the queue, so no half-made variant is ever recorded.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +34,9 @@ class JobAbandoned(Exception):
 
 
 PERMANENT = (FormatError, ReduceError, PolicyMissing)
+# Test hook (like store.py's crash points): seconds to pause after each module, so end-to-end tests
+# can act on a job that is surely still running. Unset in any real deployment.
+MODULE_DELAY_ENV = "LORAD_TEST_MODULE_DELAY"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +203,7 @@ class Worker:
         self.finished = 0  # jobs this worker completed, failed or gave back
         self._stopping = threading.Event()
         self._abandon = threading.Event()
+        self._module_delay = float(os.environ.get(MODULE_DELAY_ENV) or 0)
         self._thread = threading.Thread(target=self._loop, name=f"lorad-{name}", daemon=True)
 
     def start(self) -> None:
@@ -260,6 +265,8 @@ class Worker:
     def _attempt(self, job: JobView, running: Running) -> tuple[str, object]:
         def progress(done: int, total: int) -> None:
             running.done, running.total = done, total
+            if self._module_delay:
+                self._abandon.wait(self._module_delay)
             if self._abandon.is_set():
                 raise JobAbandoned
 

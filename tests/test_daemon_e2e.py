@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from lorad.worker import MODULE_DELAY_ENV
+
 from tests._daemon_fixtures import (
     Daemon,
     cli,
@@ -177,6 +179,8 @@ def test_sigterm_and_sigkill_mid_job(rig: tuple[Path, Daemon]) -> None:
     """Long jobs (hundreds of modules): SIGTERM lets one finish; SIGKILL loses none."""
     tmp, daemon = rig
     config, loras = daemon.config, tmp / "loras"
+    # 200 modules x 20 ms: each job surely lasts seconds, whatever the machine's speed.
+    daemon.env[MODULE_DELAY_ENV] = "0.02"
     daemon.start()
 
     first = make_lora(loras / "big-1.safetensors", seed=11, modules=200, dim=64, rank=16)
