@@ -26,14 +26,25 @@ from typing import Any, Literal
 import structlog
 from sqlalchemy.orm import Session
 
+from lorad._atomic import is_temp_name, temp_name
 from lorad.db import repo
-from lorad.db.models import Blob, Event, Lora, Variant, utcnow
+from lorad.db.models import Blob, Lora, Variant, utcnow
 from lorad.db.session import Database, default_url
 from lorad.errors import FormatError, LoradError, StoreError
 from lorad.formats.detect import detect_format
 from lorad.formats.keys import parse_key
-from lorad._atomic import is_temp_name, temp_name
 from lorad.formats.safetensors_file import Header, file_data_sha256, read_header
+from lorad.records import (
+    EventView,
+    GcPlan,
+    LoraView,
+    Reconciled,
+    VariantView,
+    VerifyReport,
+    event_view,
+    lora_view,
+    variant_view,
+)
 from lorad.report import Report
 from lorad.store import (
     BlobInfo,
@@ -50,71 +61,10 @@ log = structlog.get_logger()
 
 LoraRef = int | str | os.PathLike[str]
 SwitchKind = Literal["activated", "reverted", "switched"]
+FileStateKind = Literal["in-sync", "reconciled", "new-original", "gone", "unsettled"]
 
 
 # -- plain results ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VariantView:
-    id: int
-    lora_id: int
-    kind: str  # "original" | "reduced"
-    blob_sha256: str
-    bytes: int
-    created_at: datetime
-    method: str | None = None
-    param: float | None = None
-    source_variant_id: int | None = None
-    fro_retained_mean: float | None = None
-    fro_retained_min: float | None = None
-    params_in: int | None = None
-    params_out: int | None = None
-
-
-@dataclass(frozen=True)
-class LoraView:
-    id: int
-    path: Path
-    folder: Path
-    policy: str | None
-    active_variant_id: int | None
-    original_variant_id: int | None
-    variants: tuple[VariantView, ...]
-
-    def variant(self, variant_id: int | None) -> VariantView | None:
-        return next((v for v in self.variants if v.id == variant_id), None)
-
-    @property
-    def active(self) -> VariantView | None:
-        return self.variant(self.active_variant_id)
-
-    @property
-    def original(self) -> VariantView | None:
-        return self.variant(self.original_variant_id)
-
-
-@dataclass(frozen=True)
-class EventView:
-    id: int
-    at: datetime
-    kind: str
-    actor: str
-    lora_id: int | None
-    variant_id: int | None
-    detail: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Reconciled:
-    lora_id: int
-    path: Path
-    from_variant: int | None
-    to_variant: int
-    new_original: bool  # the file held bytes lorad had never stored
-
-
-FileStateKind = Literal["in-sync", "reconciled", "new-original", "gone", "unsettled"]
 
 
 @dataclass(frozen=True)
@@ -125,37 +75,6 @@ class _FileState:
     variant_id: int | None  # the variant the file holds (None when gone or unsettled)
     previous: int | None  # the active variant the records named before
     sha256: str | None = None
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    blobs_checked: int
-    corrupt: tuple[str, ...] = ()  # quarantined to bad/
-    missing: tuple[str, ...] = ()  # recorded, but not in the store
-    repaired: tuple[str, ...] = ()  # re-stored from a watched file with the same bytes
-    stray: tuple[str, ...] = ()  # in the store, but not recorded (gc removes them)
-    reconciled: tuple[Reconciled, ...] = ()
-    missing_files: tuple[Path, ...] = ()  # watched paths that are gone (never recreated)
-    unsettled: tuple[Path, ...] = ()  # watched files not (yet) complete safetensors
-    temp_removed: tuple[Path, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        """True when every record has its bytes (after repairs)."""
-        lost = set(self.corrupt) | set(self.missing)
-        return not (lost - set(self.repaired))
-
-
-@dataclass(frozen=True)
-class GcPlan:
-    variants: tuple[int, ...]  # reduced variants to forget
-    blobs: tuple[tuple[str, int], ...]  # (sha256, bytes) to delete from the store
-    stray: tuple[tuple[str, int], ...]  # unrecorded store files past the grace period
-    executed: bool = False
-
-    @property
-    def bytes_freed(self) -> int:
-        return sum(n for _, n in self.blobs) + sum(n for _, n in self.stray)
 
 
 @dataclass(frozen=True)
@@ -176,44 +95,6 @@ class _VerifyTally:
     missing_files: list[Path] = field(default_factory=list)
     unsettled: list[Path] = field(default_factory=list)
     temp_removed: list[Path] = field(default_factory=list)
-
-
-def _variant_view(v: Variant, blob_bytes: int) -> VariantView:
-    return VariantView(
-        id=v.id,
-        lora_id=v.lora_id,
-        kind=v.kind,
-        blob_sha256=v.blob_sha256,
-        bytes=blob_bytes,
-        created_at=v.created_at,
-        method=v.method,
-        param=v.param,
-        source_variant_id=v.source_variant_id,
-        fro_retained_mean=v.fro_retained_mean,
-        fro_retained_min=v.fro_retained_min,
-        params_in=v.params_in,
-        params_out=v.params_out,
-    )
-
-
-def _lora_view(s: Session, lora: Lora) -> LoraView:
-    variants = []
-    for v in repo.variants_of(s, lora.id):
-        blob = s.get(Blob, v.blob_sha256)
-        variants.append(_variant_view(v, blob.bytes if blob else 0))
-    return LoraView(
-        id=lora.id,
-        path=Path(lora.path),
-        folder=Path(lora.folder),
-        policy=lora.policy,
-        active_variant_id=lora.active_variant_id,
-        original_variant_id=lora.original_variant_id,
-        variants=tuple(variants),
-    )
-
-
-def _event_view(e: Event) -> EventView:
-    return EventView(e.id, e.at, e.kind, e.actor, e.lora_id, e.variant_id, dict(e.detail or {}))
 
 
 def _blob_record(sha256: str, size: int, data_sha256: str | None, header: Header) -> repo.BlobRecord:
@@ -270,16 +151,16 @@ class Library:
 
     def loras(self) -> list[LoraView]:
         with self.db.read() as s:
-            return [_lora_view(s, lora) for lora in repo.all_loras(s)]
+            return [lora_view(s, lora) for lora in repo.all_loras(s)]
 
     def lora(self, ref: LoraRef) -> LoraView:
         with self.db.read() as s:
-            return _lora_view(s, self._find_lora(s, ref))
+            return lora_view(s, self._find_lora(s, ref))
 
     def events(self, lora: LoraRef | None = None, limit: int | None = None) -> list[EventView]:
         with self.db.read() as s:
             lora_id = self._find_lora(s, lora).id if lora is not None else None
-            return [_event_view(e) for e in repo.events(s, lora_id=lora_id, limit=limit)]
+            return [event_view(e) for e in repo.events(s, lora_id=lora_id, limit=limit)]
 
     def find(self, hash_text: str) -> list[LoraView]:
         """LoRAs with a variant whose blob a hash names (sha256 or prefix, AutoV2/V3, sshs)."""
@@ -289,7 +170,7 @@ class Library:
                 for v in repo.variants_with_blob(s, blob.sha256):
                     lora = s.get(Lora, v.lora_id)
                     if lora is not None and lora.id not in found:
-                        found[lora.id] = _lora_view(s, lora)
+                        found[lora.id] = lora_view(s, lora)
             return list(found.values())
 
     def module_metrics(self, variant_id: int) -> list[dict[str, Any]]:
@@ -371,7 +252,7 @@ class Library:
                                       param=report.param, sha256=info.sha256, bytes=info.bytes,
                                       source_variant=source.id,
                                       fro_retained_mean=report.fro_retained_mean)  # fmt: skip
-                view = _variant_view(variant, info.bytes)
+                view = variant_view(variant, info.bytes)
             _crashpoint("add_variant:after-commit")
             return view
 

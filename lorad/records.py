@@ -1,0 +1,144 @@
+"""What the library returns: frozen, plain views of its records (no session, no ORM objects).
+
+The daemon's control methods and the CLI turn these into JSON and tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from lorad.db import repo
+from lorad.db.models import Blob, Event, Lora, Variant
+
+
+@dataclass(frozen=True)
+class VariantView:
+    id: int
+    lora_id: int
+    kind: str  # "original" | "reduced"
+    blob_sha256: str
+    bytes: int
+    created_at: datetime
+    method: str | None = None
+    param: float | None = None
+    source_variant_id: int | None = None
+    fro_retained_mean: float | None = None
+    fro_retained_min: float | None = None
+    params_in: int | None = None
+    params_out: int | None = None
+
+
+@dataclass(frozen=True)
+class LoraView:
+    id: int
+    path: Path
+    folder: Path
+    policy: str | None
+    active_variant_id: int | None
+    original_variant_id: int | None
+    variants: tuple[VariantView, ...]
+
+    def variant(self, variant_id: int | None) -> VariantView | None:
+        return next((v for v in self.variants if v.id == variant_id), None)
+
+    @property
+    def active(self) -> VariantView | None:
+        return self.variant(self.active_variant_id)
+
+    @property
+    def original(self) -> VariantView | None:
+        return self.variant(self.original_variant_id)
+
+
+@dataclass(frozen=True)
+class EventView:
+    id: int
+    at: datetime
+    kind: str
+    actor: str
+    lora_id: int | None
+    variant_id: int | None
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    lora_id: int
+    path: Path
+    from_variant: int | None
+    to_variant: int
+    new_original: bool  # the file held bytes lorad had never stored
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    blobs_checked: int
+    corrupt: tuple[str, ...] = ()  # quarantined to bad/
+    missing: tuple[str, ...] = ()  # recorded, but not in the store
+    repaired: tuple[str, ...] = ()  # re-stored from a watched file with the same bytes
+    stray: tuple[str, ...] = ()  # in the store, but not recorded (gc removes them)
+    reconciled: tuple[Reconciled, ...] = ()
+    missing_files: tuple[Path, ...] = ()  # watched paths that are gone (never recreated)
+    unsettled: tuple[Path, ...] = ()  # watched files not (yet) complete safetensors
+    temp_removed: tuple[Path, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True when every record has its bytes (after repairs)."""
+        lost = set(self.corrupt) | set(self.missing)
+        return not (lost - set(self.repaired))
+
+
+@dataclass(frozen=True)
+class GcPlan:
+    variants: tuple[int, ...]  # reduced variants to forget
+    blobs: tuple[tuple[str, int], ...]  # (sha256, bytes) to delete from the store
+    stray: tuple[tuple[str, int], ...]  # unrecorded store files past the grace period
+    executed: bool = False
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(n for _, n in self.blobs) + sum(n for _, n in self.stray)
+
+
+def variant_view(v: Variant, blob_bytes: int) -> VariantView:
+    return VariantView(
+        id=v.id,
+        lora_id=v.lora_id,
+        kind=v.kind,
+        blob_sha256=v.blob_sha256,
+        bytes=blob_bytes,
+        created_at=v.created_at,
+        method=v.method,
+        param=v.param,
+        source_variant_id=v.source_variant_id,
+        fro_retained_mean=v.fro_retained_mean,
+        fro_retained_min=v.fro_retained_min,
+        params_in=v.params_in,
+        params_out=v.params_out,
+    )
+
+
+def lora_view(s: Session, lora: Lora) -> LoraView:
+    variants = []
+    for v in repo.variants_of(s, lora.id):
+        blob = s.get(Blob, v.blob_sha256)
+        variants.append(variant_view(v, blob.bytes if blob else 0))
+    return LoraView(
+        id=lora.id,
+        path=Path(lora.path),
+        folder=Path(lora.folder),
+        policy=lora.policy,
+        active_variant_id=lora.active_variant_id,
+        original_variant_id=lora.original_variant_id,
+        variants=tuple(variants),
+    )
+
+
+def event_view(e: Event) -> EventView:
+    return EventView(e.id, e.at, e.kind, e.actor, e.lora_id, e.variant_id, dict(e.detail or {}))
