@@ -11,6 +11,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from lorad.control.views import human_bytes
 from lorad.reduce.methods import METHODS
 from lorad.report import Report
 
@@ -87,19 +88,15 @@ def _emit(report: Report, args: argparse.Namespace) -> None:
         sys.stdout.write(format_summary(report, verbose=args.verbose))
 
 
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):,.2f} MiB"
-
-
 def format_summary(report: Report, verbose: bool = False) -> str:
     """A person's view: sizes, quality, the rank histogram, skipped modules and the worst modules."""
     inp, out = report.input, report.output
-    lines = [f"input    {inp.path}  ({inp.format}, {inp.modules} modules, {_mib(inp.bytes)})"]
+    lines = [f"input    {inp.path}  ({inp.format}, {inp.modules} modules, {human_bytes(inp.bytes)})"]
     if out:
-        lines.append(f"output   {out.path}  ({_mib(out.bytes)}, {100 * out.bytes / inp.bytes:.1f}% of input)")
+        lines.append(f"output   {out.path}  ({human_bytes(out.bytes)}, {100 * out.bytes / inp.bytes:.1f}% of input)")
     else:
         planned = inp.bytes - sum(m.bytes_in - m.bytes_out for m in report.modules)
-        lines.append(f"plan     about {_mib(planned)} ({100 * planned / inp.bytes:.1f}% of input); nothing written")
+        lines.append(f"plan     about {human_bytes(planned)} ({100 * planned / inp.bytes:.1f}% of input); nothing written")
     lines.append(f"method   {report.method} {report.param if report.param is not None else ''}  "
                  f"on {report.device} in {report.seconds:.2f} s")
     reduced = report.reduced

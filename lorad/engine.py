@@ -383,8 +383,8 @@ class _Job:
         return out_up.reshape(m.up_shape(k)), out_down.reshape(m.down_shape(k)), up_back, down_back
 
     def _report(self, m: Module, k: int, q: metrics.Quality) -> ModuleReport:
-        itemsize_in = torch.empty((), dtype=encode.output_dtype(m.dtype, None)).element_size()
-        itemsize_out = torch.empty((), dtype=encode.output_dtype(m.dtype, self.settings.dtype)).element_size()
+        itemsize_in = encode.output_dtype(m.dtype, None).itemsize
+        itemsize_out = encode.output_dtype(m.dtype, self.settings.dtype).itemsize
         return ModuleReport(
             name=m.name, kind=m.kind, rank_in=m.rank, rank_out=k,
             fro_retained=q.fro_retained, energy_retained=q.fro_retained**2, rel_error=q.rel_error,

@@ -30,10 +30,10 @@ from lorad._atomic import is_temp_name, temp_name
 from lorad.db import repo
 from lorad.db.models import Blob, Lora, Variant, utcnow
 from lorad.db.session import Database, default_url
-from lorad.errors import FormatError, LoradError, StoreError
+from lorad.errors import LoradError, StoreError
 from lorad.formats.detect import detect_format
 from lorad.formats.keys import parse_key
-from lorad.formats.safetensors_file import Header, file_data_sha256, read_header
+from lorad.formats.safetensors_file import Header, file_data_sha256, is_complete, read_header
 from lorad.records import (
     EventView,
     GcPlan,
@@ -367,7 +367,7 @@ class Library:
         if known_id is not None:
             self._record_reconciled(lora_id, active_id, known_id, actor, token)
             return _FileState("reconciled", known_id, active_id, sha)
-        if not _is_complete(path):
+        if not is_complete(path):
             return _FileState("unsettled", None, active_id, sha)  # being written: nothing to adopt yet
         new_id = self._adopt_new_original(lora_id, path, active_id, actor)
         return _FileState("new-original", new_id, active_id, sha)
@@ -638,14 +638,6 @@ class Library:
 def _unchanged_token(path: Path, before: FileStamp | None) -> str | None:
     """The stamp taken before hashing, if the file still has it (else it moved while hashed)."""
     return before.token if before is not None and FileStamp.of_path(path) == before else None
-
-
-def _is_complete(path: Path) -> bool:
-    try:
-        read_header(path)
-    except FormatError:
-        return False
-    return True
 
 
 def _gc_summary(plan: GcPlan) -> dict[str, Any]:

@@ -25,6 +25,14 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def civitai_hashes(path: Path) -> dict[str, str]:
+    """The identities users look a LoRA up by, from the raw bytes: AutoV2 (sha256, 10 hex) and
+    AutoV3 (sha256 of the bytes after the safetensors header, 12 hex)."""
+    raw = Path(path).read_bytes()
+    data = hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little") :]).hexdigest()
+    return {"sha256": hashlib.sha256(raw).hexdigest(), "autov2": sha256_of(path)[:10], "autov3": data[:12], "addnet": data}
+
+
 def make_lora(path: Path, seed: int = 0, modules: int = 3, dim: int = 48, rank: int = 8) -> Path:
     """A kohya-style LoRA (lora_down r x in, lora_up out x r, 0-d alpha) with a decaying spectrum."""
     import torch

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from lorad.errors import FormatError, StoreError
-from lorad.formats.safetensors_file import civitai_hashes, is_complete, read_header
+from lorad.formats.safetensors_file import is_complete, read_header
 from lorad.library import Library
 from lorad._atomic import temp_name
 from tests._store_fixtures import (
+    civitai_hashes,
     assert_consistent,
     event_kinds,
     make_lora,

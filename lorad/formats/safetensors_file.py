@@ -250,14 +250,6 @@ def write_file(
 # Hashes of a file on disk
 
 
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_hashes(path: str | os.PathLike[str], header: Header) -> tuple[str, str]:
     """(sha256 of the file, sha256 of its data section) in one read of the file."""
     whole, data = hashlib.sha256(), hashlib.sha256()
@@ -279,10 +271,3 @@ def file_data_sha256(path: str | os.PathLike[str], header: Header | None = None)
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
-
-
-def civitai_hashes(path: str | os.PathLike[str], header: Header | None = None) -> dict[str, str]:
-    """The identities users look a LoRA up by: sha256, AutoV2 (10 hex), AutoV3 (12 hex), sshs."""
-    sha = file_sha256(path)
-    data = file_data_sha256(path, header)
-    return {"sha256": sha, "autov2": sha[:10], "autov3": data[:12], "addnet": data}
