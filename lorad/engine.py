@@ -118,7 +118,8 @@ def _run(src: Path, dst: Path | None, settings: ReduceSettings, progress: Progre
     else:
         spectra, fixed_ranks = None, None
     if dst is None:
-        module_reports = _Job(source, settings, device, enc, fixed_ranks, progress).plan()
+        known = {name: item.spectrum for name, item in spectra.items()} if spectra else None
+        module_reports = _Job(source, settings, device, enc, fixed_ranks, progress).plan(known)
         output = None
     else:
         extra = {"lorad.source_autov3": source_data_sha256[:12]}
@@ -304,17 +305,21 @@ class _Job:
         dense_len = min(m.out_features, m.in_features)
         return select.select_rank(S, s.method, float(s.param or 0), m.rank, s.max_rank, s.kohya_compat, dense_len)
 
-    def plan(self) -> dict[str, ModuleReport]:
+    def plan(self, spectra: dict[str, torch.Tensor] | None = None) -> dict[str, ModuleReport]:
+        """Reports from the spectra alone; `spectra` when already computed (a budget's pass 1)."""
         reports = {}
+        for m, S in self._spectra() if spectra is None else ((m, spectra[m.name]) for m in self.source.reducible):
+            k = self._rank(m, S)
+            fro, tail, total = metrics.truncation(S, k)
+            reports[m.name] = self._report(m, k, metrics.Quality(fro, tail / total if total else 0.0))
+            self._tick()
+        return reports
+
+    def _spectra(self) -> Iterator[tuple[Module, torch.Tensor]]:
         with Reader(self.source) as reader:
             for batch in _batches(self.source):
                 up, down, scale = _load(reader, batch, self.device)
-                for m, S in zip(batch, _decompose(reader, batch, singular_values, up, down, scale).cpu()):
-                    k = self._rank(m, S)
-                    fro, tail, total = metrics.truncation(S, k)
-                    reports[m.name] = self._report(m, k, metrics.Quality(fro, tail / total if total else 0.0))
-                    self._tick()
-        return reports
+                yield from zip(batch, _decompose(reader, batch, singular_values, up, down, scale).cpu())
 
     def reduce(self) -> tuple[dict[str, ModuleReport], dict[str, writer.ModuleOutput]]:
         reports, outputs = {}, {}

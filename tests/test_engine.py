@@ -52,6 +52,10 @@ def test_plan_writes_nothing_and_agrees_with_reduce(tmp_path):
     done = reduce_file(src, None, ReduceSettings("fro", 0.8))
     assert [m.rank_out for m in plan.modules] == [m.rank_out for m in done.modules]
     assert plan.output is None
+    budget = ReduceSettings("budget", budget_mb=0.05)  # the plan reuses its allocation pass's spectra
+    planned = [m.rank_out for m in plan_file(src, budget).modules]
+    assert planned == [m.rank_out for m in reduce_file(src, tmp_path / "b.safetensors", budget).modules]
+    assert len(set(planned)) > 1
 
 
 def test_default_output_names():
