@@ -15,3 +15,7 @@ class ReduceError(LoradError):
 
 class StoreError(LoradError):
     """A store or database operation was refused (path outside watched folders, corrupt blob...)."""
+
+
+class NotRegularFileError(FormatError):
+    """A path that is a FIFO, socket, device or directory where a file was expected."""

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from lorad._atomic import fsync_dir, temp_name
+from lorad._fileio import open_regular
 from lorad.errors import StoreError
 
 LinkMode = Literal["reflink-or-copy", "reflink", "copy", "hardlink"]
@@ -101,7 +102,7 @@ def _why(e: OSError) -> str:
 
 def hash_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(CHUNK):
             h.update(block)
     return h.hexdigest()

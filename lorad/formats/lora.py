@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lorad._fileio import open_regular
 from lorad.errors import FormatError
 from lorad.formats import detect
 from lorad.formats.keys import parse_key
@@ -286,7 +287,8 @@ class Reader:
 
     def __init__(self, source: LoraSource | Header):
         self.header = source.header if isinstance(source, LoraSource) else source
-        self._fd = os.open(self.header.path, os.O_RDONLY)
+        self._file = open_regular(self.header.path)
+        self._fd = self._file.fileno()
 
     def tensor(self, key: str) -> torch.Tensor:
         entry = self.header.tensors[key]
@@ -319,7 +321,7 @@ class Reader:
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
+            self._file.close()
             self._fd = -1
 
     def __enter__(self) -> "Reader":

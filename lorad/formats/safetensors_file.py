@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorad._fileio import open_regular
 from lorad.errors import FormatError
 
 # safetensors' own reader refuses headers over 100 MB; so do we, before reading them.
@@ -61,12 +62,16 @@ class Header:
         return 8 + self.header_bytes
 
 
-def _refuse_pickle(head: bytes, path: Path) -> None:
-    if head.startswith(_ZIP_MAGIC) or head[:2] in _PICKLE_MAGIC:
-        raise FormatError(
-            f"{path}: this is a pickle-based checkpoint (.ckpt/.pt), which can run code when loaded;"
-            " lorad never unpickles. Convert it to .safetensors with a tool you trust."
-        )
+def _looks_like_pickle(head: bytes) -> bool:
+    """Pickle or zip magic, and not the "{" that opens every safetensors header at byte 8."""
+    return (head.startswith(_ZIP_MAGIC) or head[:2] in _PICKLE_MAGIC) and head[8:9] != b"{"
+
+
+def _pickle_error(path: Path) -> FormatError:
+    return FormatError(
+        f"{path}: this is a pickle-based checkpoint (.ckpt/.pt), which can run code when loaded;"
+        " lorad never unpickles. Convert it to .safetensors with a tool you trust."
+    )
 
 
 def read_header(path: str | os.PathLike[str]) -> Header:
@@ -74,32 +79,42 @@ def read_header(path: str | os.PathLike[str]) -> Header:
 
     Raises FormatError with one clear line for: a pickle, a short or truncated file, an absurd or
     oversized header, bad JSON, bad entries, overlapping or out-of-range offsets, or a data section
-    whose length does not match the file size (a partly written download).
+    whose length does not match the file size (a partly written download). A FIFO, socket or
+    device is refused before anything is read (NotRegularFileError).
+
+    Structure decides, not magic bytes: a header of 640 bytes starts with 80 02, the pickle magic,
+    so a pickle is named only when the bytes do not make a safetensors header.
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            _refuse_pickle(head, path)
-            if len(head) < 8:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(9)
+            if len(head) < 9:
+                if _looks_like_pickle(head):
+                    raise _pickle_error(path)
                 raise FormatError(f"{path}: not a safetensors file (only {size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES:
-                raise FormatError(
-                    f"{path}: safetensors header claims {n} bytes (limit {MAX_HEADER_BYTES}); "
-                    "not a safetensors file or a hostile one"
-                )
-            if 8 + n > size:
-                raise FormatError(
-                    f"{path}: truncated: header needs {8 + n} bytes, file has {size}"
-                )
-            raw = f.read(n)
+            (n,) = struct.unpack("<Q", head[:8])
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                if _looks_like_pickle(head):
+                    raise _pickle_error(path)
+                if n > MAX_HEADER_BYTES:
+                    raise FormatError(
+                        f"{path}: safetensors header claims {n} bytes (limit {MAX_HEADER_BYTES}); "
+                        "not a safetensors file or a hostile one"
+                    )
+                raise FormatError(f"{path}: truncated: header needs {8 + n} bytes, file has {size}")
+            raw = head[8:] + f.read(n - 1) if n else b""
     except FormatError:
         raise
     except OSError as e:
         raise FormatError(f"{path}: cannot read: {e.strerror or e}") from e
-    return _parse_header(path, raw, size)
+    try:
+        return _parse_header(path, raw, size)
+    except FormatError:
+        if _looks_like_pickle(head):
+            raise _pickle_error(path) from None
+        raise
 
 
 def _parse_header(path: Path, raw: bytes, size: int) -> Header:
@@ -162,7 +177,7 @@ def is_complete(path: str | os.PathLike[str]) -> bool:
 def read_raw(header: Header, name: str) -> bytes:
     """The exact bytes of one tensor (for pass-through keys, copied bit for bit)."""
     e = header.tensors[name]
-    with open(header.path, "rb") as f:
+    with open_regular(header.path) as f:
         f.seek(header.data_offset + e.start)
         data = f.read(e.nbytes)
     if len(data) != e.nbytes:
@@ -253,7 +268,7 @@ def write_file(
 def file_hashes(path: str | os.PathLike[str], header: Header) -> tuple[str, str]:
     """(sha256 of the file, sha256 of its data section) in one read of the file."""
     whole, data = hashlib.sha256(), hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         head = f.read(header.data_offset)
         whole.update(head)
         while block := f.read(1 << 20):
@@ -266,7 +281,7 @@ def file_data_sha256(path: str | os.PathLike[str], header: Header | None = None)
     """sha256 of everything after the header: addnet / sshs_model_hash / Civitai AutoV3 (full)."""
     header = header or read_header(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         f.seek(header.data_offset)
         while block := f.read(1 << 20):
             h.update(block)
