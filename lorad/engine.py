@@ -311,7 +311,7 @@ class _Job:
         for m, S in self._spectra() if spectra is None else ((m, spectra[m.name]) for m in self.source.reducible):
             k = self._rank(m, S)
             fro, tail, total = metrics.truncation(S, k)
-            reports[m.name] = self._report(m, k, metrics.Quality(fro, tail / total if total else 0.0))
+            reports[m.name] = self._report(m, k, metrics.Quality(fro, tail / total if total else 0.0, total))
             self._tick()
         return reports
 
@@ -375,7 +375,8 @@ class _Job:
             out_up, out_down, up_back, down_back = self._encode(m, k, new_up, new_down)
             rel = metrics.exact_rel_error(m.scale * u, d, up_back, down_back)
             # No spectrum ranks a projection; the norm it "retains" is the one its error leaves.
-            yield m, k, out_up, out_down, metrics.Quality(max(0.0, 1.0 - rel * rel) ** 0.5, rel)
+            norm = metrics.product_norm(m.scale * u, d)
+            yield m, k, out_up, out_down, metrics.Quality(max(0.0, 1.0 - rel * rel) ** 0.5, rel, norm)
 
     def _encode(self, m: Module, k: int, up_eff: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Fold the loader's scale out of up, cast, and read back what the file will really hold."""
@@ -394,7 +395,7 @@ class _Job:
             name=m.name, kind=m.kind, rank_in=m.rank, rank_out=k,
             fro_retained=q.fro_retained, energy_retained=q.fro_retained**2, rel_error=q.rel_error,
             params_in=m.params(), params_out=m.params(k),
-            bytes_in=m.params() * itemsize_in, bytes_out=m.params(k) * itemsize_out,
+            bytes_in=m.params() * itemsize_in, bytes_out=m.params(k) * itemsize_out, norm=q.norm,
         )  # fmt: skip
 
 

@@ -33,6 +33,7 @@ class ModuleReport:
     bytes_in: int
     bytes_out: int
     skipped: str | None = None  # reason when passed through unchanged, else None
+    norm: float | None = None  # ||dW||_F of the original module as its format reads it (None: skipped)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,18 @@ class Report:
         return min(kept) if kept else None
 
     @property
+    def fro_retained_file(self) -> float | None:
+        """||dW_k|| / ||dW|| over the whole file: each module weighted by its energy, as "keeps 90 %"
+        reads. Skipped modules are unchanged and not counted."""
+        kept = [m for m in self.reduced if m.norm is not None]
+        total = sum(m.norm**2 for m in kept)
+        if not kept:
+            return None
+        if total == 0.0:
+            return 1.0
+        return (sum((m.fro_retained * m.norm) ** 2 for m in kept) / total) ** 0.5
+
+    @property
     def params_in(self) -> int:
         return sum(m.params_in for m in self.modules)
 
@@ -80,6 +93,7 @@ class Report:
             "modules": [asdict(m) for m in self.modules],
             "fro_retained_mean": self.fro_retained_mean,
             "fro_retained_min": self.fro_retained_min,
+            "fro_retained_file": self.fro_retained_file,
             "params_in": self.params_in,
             "params_out": self.params_out,
             "notes": list(self.notes),

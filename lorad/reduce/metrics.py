@@ -12,6 +12,7 @@ import torch
 class Quality:
     fro_retained: float  # ||dW_k|| / ||dW||
     rel_error: float  # ||dW - dW'|| / ||dW||, dW' being what the written factors make
+    norm: float | None = None  # ||dW||
 
 
 def truncation(S: torch.Tensor, k: int) -> tuple[float, float, float]:
@@ -38,13 +39,13 @@ def svd_quality(
     """
     fro, tail, total = truncation(S, k)
     if total == 0.0:
-        return Quality(fro, 0.0)
+        return Quality(fro, 0.0, 0.0)
     Sk = S[:k].to(up_eff.dtype)
     e_b = up_eff - Uk * Sk
     e_a = down - Vk.T
     nb, na = float(e_b.norm()), float(e_a.norm())
     rounding = float((Sk[:, None] * e_a).norm()) + nb + nb * na
-    return Quality(fro, math.sqrt(tail * tail + rounding * rounding) / total)
+    return Quality(fro, math.sqrt(tail * tail + rounding * rounding) / total, total)
 
 
 def exact_rel_error(up: torch.Tensor, down: torch.Tensor, up2: torch.Tensor, down2: torch.Tensor) -> float:
@@ -62,3 +63,9 @@ def exact_rel_error(up: torch.Tensor, down: torch.Tensor, up2: torch.Tensor, dow
     if total <= 0.0:
         return 0.0
     return math.sqrt(max(diff, 0.0) / total)
+
+
+def product_norm(up: torch.Tensor, down: torch.Tensor) -> float:
+    """||up @ down||_F from the two r x r Gram matrices, in float64."""
+    b, a = up.to(torch.float64), down.to(torch.float64)
+    return math.sqrt(max(float(((b.T @ b) * (a @ a.T)).sum()), 0.0))
