@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lorad.errors import FormatError, ReduceError
+from lorad.errors import FormatError, OutputWriteError, ReduceError
 from lorad.formats import encode, writer
 from lorad.formats.lora import LoraSource, Module, Reader, most_common, open_lora, read_scalar
 from lorad.formats.safetensors_file import file_hashes
@@ -145,7 +145,7 @@ def _write(source: LoraSource, outputs: dict, enc: encode.Encoding, dst: Path,
     try:
         return writer.write_lora(source, outputs, enc, dst, provenance)
     except OSError as e:  # full disk, file too large, read-only folder: nothing was left behind
-        raise ReduceError(f"{dst}: cannot write the output: {e.strerror or e}") from e
+        raise OutputWriteError(f"{dst}: cannot write the output: {e.strerror or e}") from e
 
 
 def _param(settings: ReduceSettings) -> float | None:

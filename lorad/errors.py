@@ -17,5 +17,13 @@ class StoreError(LoradError):
     """A store or database operation was refused (path outside watched folders, corrupt blob...)."""
 
 
+class TransientError(LoradError):
+    """May succeed later without any change to the input: a full disk, a locked database."""
+
+
+class OutputWriteError(ReduceError, TransientError):
+    """The output could not be written (disk full, read-only folder); the input was fine."""
+
+
 class NotRegularFileError(FormatError):
     """A path that is a FIFO, socket, device or directory where a file was expected."""
