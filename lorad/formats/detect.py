@@ -1,34 +1,39 @@
-"""Which LoRA format a file is, from its keys and metadata, and what that means for scale and writing.
+"""Which LoRA format a file is, from its keys, and how its output must carry each module's scale.
 
-Format ids:
-  kohya            sd-scripts / LyCORIS names (lora_unet_*, lora_te*_*, lycoris_*, lora_transformer_*)
+Format ids (informational: grouping and scale rules do not depend on them):
+  kohya            sd-scripts / LyCORIS / musubi / OneTrainer names (lora_unet_*, lora_te*_*, ...)
   kohya-flux       the same for Flux (lora_unet_double_blocks_*, lora_unet_single_blocks_*)
-  diffusers        unet./text_encoder./transformer. (+ lora_A/lora_B); ai-toolkit Flux files too
+  diffusers        unet./text_encoder./transformer. + lora_A/lora_B (ai-toolkit, diffusers scripts)
   diffusers-legacy lora.down/lora.up, lora_linear_layer, attn-processor *_lora.down
   xlabs            Flux XLabs (double_blocks.N.processor.qkv_lora1.down.weight); no alpha
-  peft             a PEFT adapter directory or a state dict with base_model.model. keys
-  lora             any other LoRA-shaped file (up/down pairs) lorad can still reduce
+  peft             a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)
+  peft-keys        a single file with PEFT's base_model.model. keys (fal's trainers): NOT a PEFT
+                   folder, so loaders read it by its tensors alone
+  lora             any other LoRA-shaped file (DiffSynth, Mochi, diffusion_model.*, ControlLoRA...)
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-# How a format tells loaders the scale of each module, and so how lorad must write it.
-ALPHA_KEYS = "alpha-keys"  # one constant `.alpha` tensor per module; loaders use alpha / rank
-DIFFUSERS_METADATA = "diffusers-metadata"  # minimal lora_adapter_metadata (+ alpha keys if present)
-PEFT_CONFIG = "peft-config"  # adapter_config.json r/lora_alpha/rank_pattern
-SCALE_ONE = "scale-one"  # loaders apply scale 1: fold everything into up, write no alpha
+from lorad.formats.scales import COMPONENTS
+
+# How the output carries each module's scale so that every loader reads it the same way.
+ALPHA_KEYS = "alpha-keys"  # one constant `.alpha` on every reduced module; loaders use alpha / rank
+PEFT_CONFIG = "peft-config"  # adapter_config.json: r / lora_alpha / rank_pattern / alpha_pattern
+SCALE_ONE = "scale-one"  # the whole scale folded into up; every loader applies 1
 
 _KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lycoris_",
                    "lora_transformer_")  # fmt: skip
-_DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.")
+_DIFFUSERS_PREFIXES = tuple(f"{c}." for c in COMPONENTS)
 
 
-def detect_format(keys: Iterable[str], metadata: dict[str, str], is_peft_dir: bool = False) -> str:
+def detect_format(keys: Iterable[str], metadata: dict[str, str] | None = None, is_peft_dir: bool = False) -> str:
     keys = list(keys)
-    if is_peft_dir or any(k.startswith("base_model.model.") for k in keys):
+    if is_peft_dir:
         return "peft"
+    if any(k.startswith("base_model.model.") for k in keys):
+        return "peft-keys"
     if any(k.startswith(_KOHYA_PREFIXES) for k in keys):
         flux = any(k.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for k in keys)
         return "kohya-flux" if flux else "kohya"
@@ -39,20 +44,3 @@ def detect_format(keys: Iterable[str], metadata: dict[str, str], is_peft_dir: bo
     if any(k.startswith(_DIFFUSERS_PREFIXES) and (".lora_A." in k or ".lora_B." in k) for k in keys):
         return "diffusers"
     return "lora"
-
-
-def scale_style(fmt: str, has_alpha_keys: bool) -> str:
-    """How the output must carry each module's scale so that every loader reads it the same way."""
-    if fmt == "peft":
-        return PEFT_CONFIG
-    if fmt == "diffusers":
-        return DIFFUSERS_METADATA
-    if fmt in ("kohya", "kohya-flux") or has_alpha_keys:
-        return ALPHA_KEYS
-    return SCALE_ONE
-
-
-def diffusers_prefix(module: str) -> str:
-    """The component a diffusers module belongs to ("unet", "text_encoder", ...), or ""."""
-    head, _, _ = module.partition(".")
-    return head if module.startswith(_DIFFUSERS_PREFIXES) else ""

@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,12 @@ import torch
 from lorad._fileio import open_regular
 from lorad.errors import FormatError
 from lorad.formats import detect
-from lorad.formats.keys import parse_key
+from lorad.formats.keys import Group, group_keys
+from lorad.formats.scales import DIFFUSERS_METADATA_KEY, Readings, ScaleRules
 from lorad.formats.safetensors_file import Header, read_header, read_raw
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
-DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 # diffusers' kohya converter stores alphas as int64
 _SCALAR_DTYPES = {**FLOAT_DTYPES, "I64": torch.int64, "I32": torch.int32}
@@ -36,21 +35,24 @@ _SKIP_REASONS = {
     "lokr": "LoKr (Kronecker product) is not SVD-reducible in place; passed through (--convert-lycoris rebuilds it)",
     "tucker": "Tucker LoCon (lora_mid) core; passed through unchanged",
     "dora": "DoRA magnitude rescales the normalised weight; reducing would change the result, passed through",
+    "scale": "has an explicit .scale key, which only A1111 reads (as the whole scale); passed through",
 }
 
 
 @dataclass(frozen=True)
 class Module:
     name: str  # the key prefix, exactly as the file spells it
-    kind: str  # linear | conv1x1 | conv3x3 (any kxk) | loha | lokr | tucker | dora | lora-kernel-up
+    kind: str  # linear | conv1x1 | conv3x3 | conv3x3x3 (any kernel) | embedding | loha | lokr | tucker | dora | ...
     keys: dict[str, str]  # role -> tensor key
     out_features: int
-    in_features: int  # flattened: in_channels * kh * kw
+    in_features: int  # flattened: in_channels * prod(kernel)
     rank: int
-    kernel: tuple[int, ...]  # () for Linear, (kh, kw) for conv
+    kernel: tuple[int, ...]  # () for Linear and Embedding, the spatial dims for conv (2-D, 3-D...)
     dtype: str  # safetensors dtype of the up factor
-    scale: float  # what loaders multiply up @ down by
+    scale: float  # what the file's own format multiplies up @ down by (its intended strength)
     skip: str | None = None
+    readings: Readings | None = None  # the scale as each loader family reads it
+    alpha: float | None = None  # the module's .alpha value, if it has one
 
     @property
     def reducible(self) -> bool:
@@ -60,10 +62,10 @@ class Module:
         """The shape of a down factor of `rank` rows, in this module's layout."""
         if not self.kernel:
             return (rank, self.in_features)
-        return (rank, self.in_features // _prod(self.kernel), *self.kernel)
+        return (rank, self.in_features // math.prod(self.kernel), *self.kernel)
 
     def up_shape(self, rank: int) -> tuple[int, ...]:
-        return (self.out_features, rank, 1, 1) if self.kernel else (self.out_features, rank)
+        return (self.out_features, rank, *(1,) * len(self.kernel))
 
     def params(self, rank: int | None = None) -> int:
         r = self.rank if rank is None else rank
@@ -76,21 +78,24 @@ class LoraSource:
     weights: Path  # the safetensors file holding the tensors
     header: Header
     format: str
-    style: str  # detect.ALPHA_KEYS | DIFFUSERS_METADATA | PEFT_CONFIG | SCALE_ONE
+    style: str  # detect.ALPHA_KEYS | detect.PEFT_CONFIG | detect.SCALE_ONE
     modules: tuple[Module, ...]
     passthrough: tuple[str, ...]  # keys copied bit for bit (non-LoRA tensors, skipped modules)
     peft_config: dict[str, Any] | None = None
+    diffusers_metadata: bool = False  # the file carries lora_adapter_metadata
+    notes: tuple[str, ...] = ()  # what a user should know about how loaders read the input
 
     @property
     def reducible(self) -> tuple[Module, ...]:
         return tuple(m for m in self.modules if m.reducible)
 
-
-def _prod(dims: tuple[int, ...]) -> int:
-    out = 1
-    for d in dims:
-        out *= d
-    return out
+    @property
+    def writes_diffusers_metadata(self) -> bool:
+        """Minimal metadata is written where the input had it, and for diffusers-format files
+        without alpha keys (it pins each module's rank and scale for diffusers 0.34-0.39)."""
+        return self.peft_config is None and (
+            self.diffusers_metadata or (self.format == "diffusers" and self.style == detect.SCALE_ONE)
+        )
 
 
 def open_lora(path: str | Path) -> LoraSource:
@@ -103,20 +108,59 @@ def open_lora(path: str | Path) -> LoraSource:
         raise FormatError(f"{path}: no such file")
     header = read_header(weights)
     fmt = detect.detect_format(header.tensors, header.metadata, is_peft_dir=peft_config is not None)
-    groups, passthrough = _group_keys(header)
-    has_alpha = any("alpha" in roles for roles in groups.values())
-    style = detect.scale_style(fmt, has_alpha)
-    scales = _ScaleRules(weights, header, fmt, peft_config)
-    modules = [_module(weights, header, name, roles, scales) for name, roles in groups.items()]
+    try:
+        groups, passthrough = group_keys(header.tensors)
+    except FormatError as e:
+        raise FormatError(f"{weights}: {e}") from None
+    rules = ScaleRules(str(weights), header.metadata, peft_config)
+    modules = []
+    for name, group in groups.items():
+        m = _module(weights, header, name, group, rules)
+        if m is None:  # a weak up/down pair that is not a LoRA pair after all
+            passthrough.extend(group.roles.values())
+        else:
+            modules.append(m)
     if not modules:
         raise FormatError(
-            f"{path}: no LoRA modules found (no lora_up/lora_down or lora_A/lora_B pairs); "
+            f"{path}: no LoRA modules found (no lora_up/lora_down, lora_A/lora_B or up/down pairs); "
             "is this a full checkpoint rather than a LoRA?"
         )
     for m in modules:
         if not m.reducible:
             passthrough.extend(m.keys.values())
-    return LoraSource(path, weights, header, fmt, style, tuple(modules), tuple(passthrough), peft_config)
+    has_metadata = peft_config is None and DIFFUSERS_METADATA_KEY in header.metadata
+    style = _style(fmt, has_metadata, modules)
+    notes = _disagreement_notes(modules, peft_config is not None, has_metadata)
+    passthrough = sorted(set(passthrough), key=lambda k: header.tensors[k].start)
+    return LoraSource(path, weights, header, fmt, style, tuple(modules), tuple(passthrough), peft_config,
+                      has_metadata, notes)
+
+
+def _style(fmt: str, has_metadata: bool, modules: list[Module]) -> str:
+    if fmt == "peft":
+        return detect.PEFT_CONFIG
+    # kohya files get alpha keys even without them: diffusers < 0.40 mis-scales mixed ranks
+    # without alphas, and every kohya loader reads one constant alpha right.
+    if not has_metadata and (fmt.startswith("kohya") or any("alpha" in m.keys for m in modules if m.reducible)):
+        return detect.ALPHA_KEYS
+    # With metadata, diffusers reads the metadata and ComfyUI the alpha keys: only scale 1 in the
+    # factors (alpha = rank where alpha keys exist) reads the same in both.
+    return detect.SCALE_ONE
+
+
+def _disagreement_notes(modules: list[Module], peft_dir: bool, has_metadata: bool) -> tuple[str, ...]:
+    split = [m for m in modules if m.readings is not None and m.readings.disagree()]
+    if not split:
+        return ()
+    m = split[0]
+    source = "its lora_adapter_metadata (diffusers)" if has_metadata else "kohya's rule for alpha 0 (alpha = rank)"
+    assert m.readings is not None
+    return (
+        f"loaders disagree on the input: {len(split)} of {len(modules)} modules are read at another strength "
+        f"by tensor-only loaders (ComfyUI, A1111/Forge; e.g. {m.name}: {m.readings.tensors:.6g}) than by "
+        f"{'diffusers' if has_metadata else 'kohya/diffusers'} ({m.readings.metadata:.6g}); lorad follows the "
+        f"file's own format, {source}, and writes a file every loader reads at that strength",
+    )
 
 
 def _peft_dir(path: Path) -> tuple[dict[str, Any], Path]:
@@ -128,61 +172,62 @@ def _peft_dir(path: Path) -> tuple[dict[str, Any], Path]:
             raise FormatError(f"{path}: adapter_model.bin is a pickle; lorad never unpickles (save with safetensors)")
         raise FormatError(f"{path}: PEFT adapter without {PEFT_WEIGHTS}")
     try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        with open_regular(cfg_path) as f:
+            config = json.loads(f.read(1 << 20).decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{cfg_path}: unreadable adapter config: {e}") from e
     if not isinstance(config, dict) or str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise FormatError(f"{cfg_path}: not a LoRA adapter (peft_type={config.get('peft_type')!r})")
+        peft_type = config.get("peft_type") if isinstance(config, dict) else None
+        raise FormatError(f"{cfg_path}: not a LoRA adapter (peft_type={peft_type!r})")
     return config, weights
 
 
-def _group_keys(header: Header) -> tuple[dict[str, dict[str, str]], list[str]]:
-    """Module name -> {role: key} for LoRA keys; the rest are pass-through keys."""
-    groups: dict[str, dict[str, str]] = defaultdict(dict)
-    passthrough: list[str] = []
-    for key in header.tensors:
-        kr = parse_key(key)
-        if kr is None:
-            passthrough.append(key)
-        else:
-            groups[kr.module][kr.role] = key
-    lora_groups = {}
-    for name, roles in groups.items():
-        if set(roles) <= {"alpha", "scale"}:  # an alpha without factors: not a module of ours
-            passthrough.extend(roles.values())
-        else:
-            lora_groups[name] = dict(roles)
-    return lora_groups, passthrough
-
-
-def _module(weights: Path, header: Header, name: str, roles: dict[str, str], scales: "_ScaleRules") -> Module:
-    kind = _lycoris_kind(roles)
-    if kind is None and ("up" not in roles or "down" not in roles):
+def _module(weights: Path, header: Header, name: str, group: Group, rules: ScaleRules) -> Module | None:
+    roles = group.roles
+    lycoris = _lycoris_kind(roles)
+    alpha = read_scalar(header, roles["alpha"]) if "alpha" in roles else None
+    if lycoris is not None and not {"up", "down"} <= set(roles):
+        kind = lycoris
+        first = header.tensors[next(iter(roles.values()))]
+        return Module(name, kind, roles, 0, 0, 0, (), first.dtype, 1.0, _SKIP_REASONS[kind], alpha=alpha)
+    if "up" not in roles or "down" not in roles:
         have = "up" if "up" in roles else "down"
         raise FormatError(f"{weights}: module {name!r} has a {have} factor but no matching "
                           f"{'down' if have == 'up' else 'up'} factor")
-    if kind is not None:
-        first = header.tensors[next(iter(roles.values()))]
-        return Module(name, kind, roles, 0, 0, 0, (), first.dtype, 1.0, _SKIP_REASONS[kind])
     up, down = header.tensors[roles["up"]], header.tensors[roles["down"]]
+    shapes_ok = len(up.shape) == len(down.shape) >= 2 and up.shape[1] == down.shape[0]
+    if group.weak and not (shapes_ok and up.dtype in FLOAT_DTYPES and down.dtype in FLOAT_DTYPES):
+        return None
     for t in (up, down):
         if t.dtype not in FLOAT_DTYPES:
             raise FormatError(f"{weights}: {t.name!r} has dtype {t.dtype}; LoRA factors must be floating point")
-    if len(up.shape) not in (2, 4) or len(down.shape) not in (2, 4) or len(up.shape) != len(down.shape):
+    if len(up.shape) < 2 or len(up.shape) != len(down.shape):
         raise FormatError(f"{weights}: module {name!r}: up {list(up.shape)} and down {list(down.shape)} "
                           "are not a Linear or Conv LoRA pair")
     rank = down.shape[0]
     if up.shape[1] != rank:
         raise FormatError(f"{weights}: module {name!r}: mismatched shapes, up {list(up.shape)} vs "
                           f"down {list(down.shape)} (rank {up.shape[1]} != {rank})")
+    if rank == 0:
+        raise FormatError(f"{weights}: module {name!r} has rank 0")
     kernel = tuple(down.shape[2:])
-    in_features = _prod(down.shape[1:])
-    scale = scales.scale(name, roles, rank)
-    if len(up.shape) == 4 and tuple(up.shape[2:]) != (1, 1):
-        return Module(name, "lora-kernel-up", roles, up.shape[0], in_features, rank, kernel, up.dtype, scale,
-                      "up factor has a spatial kernel; dW is not up @ down, passed through")
-    kind = "linear" if not kernel else f"conv{kernel[0]}x{kernel[1]}"
-    return Module(name, kind, roles, up.shape[0], in_features, rank, kernel, up.dtype, scale)
+    in_features = math.prod(down.shape[1:])
+    readings = rules.readings(name, rank, alpha)
+    scale = rules.intended(readings)
+    common = dict(keys=roles, out_features=up.shape[0], in_features=in_features, rank=rank, kernel=kernel,
+                  dtype=up.dtype, scale=scale, readings=readings, alpha=alpha)
+    if lycoris is not None:  # DoRA, Tucker: a LoRA's shapes, but not reducible in place
+        return Module(name, lycoris, **common, skip=_SKIP_REASONS[lycoris])
+    if any(d != 1 for d in up.shape[2:]):
+        return Module(name, "lora-kernel-up", **common,
+                      skip="up factor has a spatial kernel; dW is not up @ down, passed through")
+    if "scale" in roles:
+        return Module(name, "scaled", **common, skip=_SKIP_REASONS["scale"])
+    if group.embedding:
+        kind = "embedding"
+    else:
+        kind = "linear" if not kernel else "conv" + "x".join(map(str, kernel))
+    return Module(name, kind, **common)
 
 
 def _lycoris_kind(roles: dict[str, str]) -> str | None:
@@ -197,35 +242,6 @@ def _lycoris_kind(roles: dict[str, str]) -> str | None:
     return None
 
 
-class _ScaleRules:
-    """Each format's rule for the scale loaders apply to up @ down (reference/formats.md §1)."""
-
-    def __init__(self, weights: Path, header: Header, fmt: str, peft_config: dict[str, Any] | None):
-        self.weights, self.header, self.fmt = weights, header, fmt
-        self.configs: dict[str, dict[str, Any]] = {}
-        if peft_config is not None:
-            self.configs[""] = peft_config
-        elif fmt == "diffusers" and DIFFUSERS_METADATA_KEY in header.metadata:
-            self.configs = _diffusers_configs(weights, header.metadata[DIFFUSERS_METADATA_KEY])
-
-    def scale(self, name: str, roles: dict[str, str], rank: int) -> float:
-        config = self._config_for(name)
-        if config is not None:
-            return _config_scale(config, _config_module_name(name, self.fmt), rank)
-        if "alpha" in roles:
-            alpha = self._alpha(roles["alpha"])
-            return 1.0 if alpha == 0 else alpha / rank  # kohya: alpha 0 means alpha = rank
-        return 1.0
-
-    def _config_for(self, name: str) -> dict[str, Any] | None:
-        if "" in self.configs:
-            return self.configs[""]
-        return self.configs.get(detect.diffusers_prefix(name))
-
-    def _alpha(self, key: str) -> float:
-        return read_scalar(self.header, key)
-
-
 def read_scalar(header: Header, key: str) -> float:
     """A 0-d (or 1-element) tensor such as an alpha, as a finite float."""
     entry = header.tensors[key]
@@ -235,46 +251,6 @@ def read_scalar(header: Header, key: str) -> float:
     if not math.isfinite(value):
         raise FormatError(f"{header.path}: {key!r} is {value}")
     return value
-
-
-def _diffusers_configs(weights: Path, raw: str) -> dict[str, dict[str, Any]]:
-    """`lora_adapter_metadata` holds one LoraConfig per component, flattened as "unet.r", ..."""
-    try:
-        flat = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{weights}: lora_adapter_metadata is not JSON: {e}") from e
-    configs: dict[str, dict[str, Any]] = defaultdict(dict)
-    for key, value in (flat or {}).items():
-        prefix, _, field = key.partition(".")
-        if field:
-            configs[prefix][field] = value
-    return dict(configs)
-
-
-def _config_module_name(name: str, fmt: str) -> str:
-    """The module path PEFT patterns are matched against."""
-    if name.startswith("base_model.model."):
-        return name[len("base_model.model."):]
-    if fmt == "diffusers":
-        return name.partition(".")[2]
-    return name
-
-
-def _pattern_value(patterns: dict[str, Any] | None, module: str) -> Any:
-    # PEFT >= 0.15 matches a pattern key against the full module path like this.
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return None
-
-
-def _config_scale(config: dict[str, Any], module: str, rank: int) -> float:
-    # PEFT scales by lora_alpha / r (sqrt(r) with rsLoRA). A config r that disagrees with the
-    # tensor cannot load in PEFT at all, so the tensor's own rank is the one that counts.
-    alpha = _pattern_value(config.get("alpha_pattern"), module)
-    if alpha is None:
-        alpha = config.get("lora_alpha", 8)  # PEFT's default
-    return float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
 def most_common(values: list[Any], default: Any) -> Any:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
-from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,10 @@ from lorad import __version__
 from lorad._atomic import replacing
 from lorad.formats import detect
 from lorad.formats.encode import TORCH_TO_ST, Encoding
-from lorad.formats.lora import DIFFUSERS_METADATA_KEY, PEFT_CONFIG, PEFT_WEIGHTS, LoraSource, Module
+from lorad.formats import scales
+from lorad.formats.adapter_config import lora_fields
+from lorad.formats.lora import PEFT_CONFIG, PEFT_WEIGHTS, LoraSource, Module
+from lorad.formats.scales import DIFFUSERS_METADATA_KEY
 from lorad.formats.safetensors_file import (
     RawTensor,
     data_sha256,
@@ -35,6 +39,7 @@ class ModuleOutput:
     rank: int
     up: torch.Tensor  # in the output dtype and layout, scale already folded
     down: torch.Tensor
+    bias: torch.Tensor | None = None  # lora_B.bias, rescaled with the fold so scale * bias is kept
 
 
 @dataclass(frozen=True)
@@ -50,28 +55,35 @@ def raw(t: torch.Tensor) -> RawTensor:
     return RawTensor(TORCH_TO_ST[t.dtype], tuple(t.shape), flat.view(torch.uint8).numpy().data)
 
 
+def _alpha_raw(value: float, dtype: torch.dtype) -> RawTensor:
+    t = torch.tensor(value, dtype=dtype)
+    if float(t) != value:  # e.g. a bf16 alpha key cannot hold 257: never write a rounded alpha
+        t = torch.tensor(value, dtype=torch.float32)
+    return raw(t)
+
+
 def build_tensors(source: LoraSource, outputs: dict[str, ModuleOutput], enc: Encoding) -> dict[str, RawTensor]:
     """Every output tensor in the input's key order; new alpha keys follow their module's down key.
 
     A module rebuilt as plain LoRA (from LoHa/LoKr) loses its old keys; its lora_up, lora_down
     and alpha take the place of the first of them.
     """
-    alpha = None if enc.alpha is None else raw(torch.tensor(enc.alpha, dtype=enc.alpha_dtype))
     replaced: dict[str, RawTensor] = {}
     inserted: dict[str, list[tuple[str, RawTensor]]] = {}
     dropped: set[str] = set()
     for out in outputs.values():
         keys, name = out.module.keys, out.module.name
+        alpha = _alpha_raw(enc.written_alpha(out.rank), enc.alpha_dtype)
         if "up" not in keys:
             first = min(keys.values(), key=lambda k: source.header.tensors[k].start)
             dropped.update(keys.values())
             new = [(f"{name}.lora_up.weight", raw(out.up)), (f"{name}.lora_down.weight", raw(out.down))]
-            inserted[first] = new + ([(f"{name}.alpha", alpha)] if alpha is not None else [])
+            inserted[first] = new + ([(f"{name}.alpha", alpha)] if enc.style == detect.ALPHA_KEYS else [])
             continue
         replaced[keys["up"]] = raw(out.up)
         replaced[keys["down"]] = raw(out.down)
-        if alpha is None:
-            continue
+        if out.bias is not None:
+            replaced[keys["up_bias"]] = raw(out.bias)
         if "alpha" in keys:
             replaced[keys["alpha"]] = alpha
         elif enc.style == detect.ALPHA_KEYS:
@@ -92,11 +104,32 @@ def build_metadata(
     kohya_like = source.format.startswith("kohya") or any(k.startswith("ss_") for k in meta)
     if kohya_like and ranks:
         _update_kohya(meta, ranks, outputs, enc, provenance)
-    if source.style == detect.DIFFUSERS_METADATA:
-        meta[DIFFUSERS_METADATA_KEY] = json.dumps(_diffusers_metadata(outputs, enc), sort_keys=True)
+    if source.writes_diffusers_metadata:
+        meta[DIFFUSERS_METADATA_KEY] = json.dumps(_diffusers_metadata(source, outputs, enc), sort_keys=True)
         meta.setdefault("format", "pt")
     meta.update(provenance)
     return meta
+
+
+def module_ranks_alphas(source: LoraSource, outputs: dict[str, ModuleOutput], enc: Encoding,
+                        rslora: bool = False) -> dict[str, tuple[int, float]]:
+    """Module name -> (rank, alpha) as a PEFT config must state it, for every LoRA-shaped module:
+    reduced ones at their new rank and the encoding's alpha, passed-through ones as they were."""
+    entries: dict[str, tuple[int, float]] = {}
+    for m in source.modules:
+        if m.name in outputs:
+            k = outputs[m.name].rank
+            entries[m.name] = (k, enc.written_alpha(k))
+        elif m.rank > 0 and m.readings is not None and m.readings.metadata is not None:
+            alpha = m.readings.metadata * (math.sqrt(m.rank) if rslora else m.rank)
+            entries[m.name] = (m.rank, _round_alpha(alpha))
+    return entries
+
+
+def _round_alpha(alpha: float) -> float:
+    # alpha / r * r in floating point: give back the integer the config most likely held
+    nearest = round(alpha)
+    return float(nearest) if abs(alpha - nearest) <= 1e-9 * max(1.0, abs(alpha)) else alpha
 
 
 def _update_kohya(meta: dict[str, str], ranks: list[int], outputs: dict[str, ModuleOutput], enc: Encoding,
@@ -125,31 +158,19 @@ def _number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def _diffusers_metadata(outputs: dict[str, ModuleOutput], enc: Encoding) -> dict[str, object]:
+def _diffusers_metadata(source: LoraSource, outputs: dict[str, ModuleOutput], enc: Encoding) -> dict[str, object]:
     """Minimal LoraConfig per component (r, lora_alpha, target_modules, rank_pattern, alpha_pattern).
 
     Never the input's own metadata: a stale r or a newer PEFT's extra fields break loading.
     """
-    by_prefix: dict[str, dict[str, int]] = {}
-    for out in outputs.values():
-        prefix = detect.diffusers_prefix(out.module.name)
-        path = out.module.name[len(prefix) + 1 :] if prefix else out.module.name
-        by_prefix.setdefault(prefix or "unet", {})[path] = out.rank
+    by_component: dict[str, dict[str, tuple[int, float]]] = {}
+    for name, entry in module_ranks_alphas(source, outputs, enc).items():
+        comp = scales.component(name) or "unet"
+        by_component.setdefault(comp, {})[scales.config_path(name, False)] = entry
     flat: dict[str, object] = {}
-    for prefix, ranks in sorted(by_prefix.items()):
-        flat.update({f"{prefix}.{k}": v for k, v in _peft_fields(ranks, enc).items()})
+    for comp, entries in sorted(by_component.items()):
+        flat.update({f"{comp}.{k}": v for k, v in lora_fields(entries).items()})
     return flat
-
-
-def _peft_fields(ranks: dict[str, int], enc: Encoding) -> dict[str, object]:
-    common = Counter(ranks.values()).most_common(1)[0][0]
-    return {
-        "r": common,
-        "lora_alpha": enc.alpha,
-        "target_modules": sorted(ranks),
-        "rank_pattern": {name: r for name, r in sorted(ranks.items()) if r != common},
-        "alpha_pattern": {},
-    }
 
 
 def provenance_keys(source_sha256: str, method: str, param: float | None, extra: dict[str, str]) -> dict[str, str]:
@@ -185,27 +206,34 @@ def write_lora(
     enc: Encoding,
     dst: Path,
     provenance: dict[str, str],
+    check: Callable[[Path], None] = lambda _written: None,
 ) -> Written:
+    """Write `dst` atomically; `check(temp path)` runs on the complete temp file or folder before
+    it is renamed into place, and may refuse it by raising (then nothing is left behind)."""
     tensors = build_tensors(source, outputs, enc)
     meta = build_metadata(source, outputs, enc, provenance)
     hashes = source.format != "peft"
     if source.peft_config is None:
         with replacing(dst) as tmp:
             size, sha = write_safetensors(tmp, tensors, meta, hashes)
+            check(tmp)
         return Written(dst, dst, size, sha)
     with replacing(dst) as tmp:
         tmp.mkdir()
         _copy_side_files(source.path, tmp)
         size, sha = write_safetensors(tmp / PEFT_WEIGHTS, tensors, meta, hashes)
         _write_json(tmp / PEFT_CONFIG, _peft_config(source, outputs, enc))
+        check(tmp)
     return Written(dst, dst / PEFT_WEIGHTS, size, sha)
 
 
 def _peft_config(source: LoraSource, outputs: dict[str, ModuleOutput], enc: Encoding) -> dict[str, object]:
-    ranks = {o.module.name.removeprefix("base_model.model."): o.rank for o in outputs.values()}
+    """The input's config with r, lora_alpha and the patterns rewritten for every module."""
     config = dict(source.peft_config or {})
-    config.update(_peft_fields(ranks, enc))
-    config["target_modules"] = source.peft_config.get("target_modules", config["target_modules"])
+    entries = module_ranks_alphas(source, outputs, enc, rslora=bool(config.get("use_rslora")))
+    fields = lora_fields({scales.config_path(name, True): entry for name, entry in entries.items()})
+    fields.pop("target_modules")  # the input's own list (names or a regex) still selects the same layers
+    config.update(fields)
     return config
 
 
