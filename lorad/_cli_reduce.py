@@ -18,6 +18,7 @@ from pathlib import Path
 from lorad.control.views import human_bytes
 from lorad.errors import LoradError
 from lorad.reduce.methods import METHODS
+from lorad.reduce.rank_rules import SERVERS
 from lorad.report import Report
 
 # lorad.engine (and torch) load inside the commands, so `lorad status` and friends start fast.
@@ -49,6 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--kohya-compat", action="store_true", help="choose ranks exactly as kohya resize_lora.py")
         p.add_argument("--convert-lycoris", action="store_true",
                        help="rebuild plain LoHa/LoKr modules as LoRA (a format change; off by default)")
+        p.add_argument("--rank-multiple", type=int, metavar="M",
+                       help="every module keeps a multiple of M directions (rounded up)")
+        p.add_argument("--uniform", action="store_true",
+                       help="one rank for every module: the smallest that meets the method everywhere")
+        p.add_argument("--serve", choices=SERVERS,
+                       help="meet this server's rank rules (vllm, lorax, diffusers-hotswap with --max-rank)")
         p.add_argument("--seed", type=int, default=0, help="random seed (method project)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.add_argument("-v", "--verbose", action="store_true", help="list every module")
@@ -62,7 +69,8 @@ def _settings(args: argparse.Namespace):  # -> lorad.engine.ReduceSettings
     param = args.param if args.param is not None or method == "budget" else 0.9 if method == "fro" else None
     return ReduceSettings(method=method, param=param, max_rank=args.max_rank, budget_mb=args.budget_mb,
                           device=args.device, dtype=args.dtype, kohya_compat=args.kohya_compat,
-                          convert_lycoris=args.convert_lycoris, seed=args.seed)
+                          convert_lycoris=args.convert_lycoris, seed=args.seed,
+                          rank_multiple=args.rank_multiple, uniform=args.uniform, serve=args.serve)
 
 
 def _reduce(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from lorad.formats.lora import LoraSource, Module, Reader, read_scalar
 from lorad.reduce import metrics, select
 from lorad.reduce.lycoris import loha_delta, lokr_delta
 from lorad.reduce.project import random_projection
+from lorad.reduce.rank_rules import RankRule
 from lorad.reduce.svd import NonFiniteError, factored_svd, singular_values
 from lorad.report import ModuleReport
 
@@ -139,8 +140,9 @@ class Job:
 
     def __init__(self, source: LoraSource, settings, device: torch.device,  # type: ignore[no-untyped-def]
                  enc: encode.Encoding, fixed_ranks: dict[str, int] | None, progress: Progress | None,
-                 notes: list[str], fake_oom: int | None = None):  # fmt: skip
+                 notes: list[str], fake_oom: int | None = None, rule: RankRule | None = None):  # fmt: skip
         self.source, self.settings, self.device, self.enc = source, settings, device, enc
+        self.rule = rule or RankRule()
         self.fixed_ranks, self.progress = fixed_ranks, progress
         self.total, self.done = len(source.reducible), 0
         self.decomposer = Decomposer(source, device, notes, fake_oom)
@@ -150,12 +152,18 @@ class Job:
         if self.progress:
             self.progress(self.done, self.total)
 
-    def _rank(self, m: Module, S: torch.Tensor) -> int:
-        if self.fixed_ranks is not None:
-            return self.fixed_ranks[m.name]
+    def method_rank(self, m: Module, S: torch.Tensor) -> int:
+        """The method's own choice for one module (1..available, capped by max_rank)."""
         s = self.settings
         dense_len = min(m.out_features, m.in_features)
         return select.select_rank(S, s.method, float(s.param or 0), m.rank, s.max_rank, s.kohya_compat, dense_len)
+
+    def _rank(self, m: Module, S: torch.Tensor) -> int:
+        """The rank written: fixed by a whole-file pass, or the method's choice under the rank rule
+        (which may exceed the module's directions where the rule pads with zeros)."""
+        if self.fixed_ranks is not None:
+            return self.fixed_ranks[m.name]
+        return self.rule.per_module(self.method_rank(m, S), min(m.rank, S.numel()), self.settings.max_rank)
 
     def spectra(self) -> Iterator[tuple[Module, torch.Tensor]]:
         """Every reducible module's singular values (the R factors suffice)."""
@@ -221,10 +229,14 @@ class Job:
         S_all = svd.S.cpu()
         for g, m in enumerate(batch):
             k = self._rank(m, S_all[g])
-            Uk, Sk, Vk = (t.cpu() for t in svd.truncate(g, k))
-            up_eff = Uk * Sk
-            out_up, out_down, up_back, down_back = self._encode(m, k, up_eff, Vk.T)
-            quality = metrics.svd_quality(S_all[g], k, Uk, Vk, up_back, down_back)
+            real = min(k, S_all.shape[1])  # directions beyond these are a rule's zero padding
+            Uk, Sk, Vk = (t.cpu() for t in svd.truncate(g, real))
+            up_eff, down = Uk * Sk, Vk.T
+            if k > real:
+                up_eff = torch.cat([up_eff, up_eff.new_zeros(up_eff.shape[0], k - real)], dim=1)
+                down = torch.cat([down, down.new_zeros(k - real, down.shape[1])], dim=0)
+            out_up, out_down, up_back, down_back = self._encode(m, k, up_eff, down)
+            quality = metrics.svd_quality(S_all[g], real, Uk, Vk, up_back[:, :real], down_back[:real])
             yield m, k, out_up, out_down, quality
 
     def _project(self, batch: list[Module], up: torch.Tensor, down: torch.Tensor) -> Iterator[tuple]:

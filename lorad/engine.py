@@ -22,7 +22,7 @@ from lorad.formats import encode, writer
 from lorad.formats.lora import LoraSource, Module, most_common, open_lora
 from lorad.formats.safetensors_file import file_hashes
 from lorad.reduce import budget as budget_mod
-from lorad.reduce import select
+from lorad.reduce import rank_rules, select
 from lorad.report import FileInfo, ModuleReport, Report
 
 HEADER_SLACK = 1024  # first guess at the room new metadata takes; a miss is corrected and retried
@@ -39,9 +39,19 @@ class ReduceSettings:
     kohya_compat: bool = False
     convert_lycoris: bool = False  # rebuild plain LoHa/LoKr modules as LoRA (a format change)
     seed: int = 0  # for `project` only
+    rank_multiple: int | None = None  # rank rules for serving hosts (lorad.reduce.rank_rules)
+    uniform: bool = False
+    serve: str | None = None
+
+    @property
+    def rule(self) -> rank_rules.RankRule:
+        return rank_rules.rule_for(self.serve, self.rank_multiple, self.uniform, self.max_rank)
 
     def validate(self) -> None:
         select.validate(self.method, self.param, self.budget_mb)
+        rule = self.rule
+        if self.method == "project" and not rule.is_plain:
+            raise ReduceError("method project is for comparison only; it takes no rank rules")
         if self.max_rank is not None and self.max_rank < 1:
             raise ReduceError(f"--max-rank must be >= 1, got {self.max_rank}")
         if self.dtype is not None and self.dtype not in encode.DTYPE_NAMES:
@@ -57,8 +67,10 @@ class ReduceSettings:
     def tag(self) -> str:
         """The part of the default output name that says how it was made: fro0.9, rank16, budget64mb."""
         if self.method == "budget":
-            return f"budget{_num(self.budget_mb if self.budget_mb is not None else self.param)}mb"
-        return f"{self.method}{_num(self.param)}"
+            tag = f"budget{_num(self.budget_mb if self.budget_mb is not None else self.param)}mb"
+        else:
+            tag = f"{self.method}{_num(self.param)}"
+        return f"{tag}-{self.serve}" if self.serve else tag
 
 
 def _num(x: float | None) -> str:
@@ -120,33 +132,40 @@ def _run_on(source: LoraSource, dst: Path | None, settings: ReduceSettings, prog
     source_sha256, source_data_sha256 = file_hashes(source.weights, source.header)
     input_info = FileInfo(str(source.path), source_sha256, source.header.file_bytes, source.format,
                           len(source.modules))  # fmt: skip
+    rule = settings.rule
+
+    def job(fixed_ranks: dict[str, int] | None, enc: encode.Encoding) -> Job:
+        return Job(source, settings, device, enc, fixed_ranks, progress, notes, fake_oom, rule)
+
     enc = encode.choose_encoding(source, _reference_rank(source, settings), settings.dtype)
-
-    def job(fixed_ranks: dict[str, int] | None) -> Job:
-        return Job(source, settings, device, enc, fixed_ranks, progress, notes, fake_oom)
-
+    spectra: dict[str, budget_mod.BudgetItem] | None = None
+    fixed_ranks: dict[str, int] | None = None
     if settings.method == "budget":
-        spectra = _spectra_for_budget(source, settings, job(None))
-        fixed_ranks = _allocate(source, settings, spectra, 0, notes)
-    else:
-        spectra, fixed_ranks = None, None
+        spectra = _spectra_for_budget(source, settings, rule, job(None, enc))
+        fixed_ranks = _allocate(source, settings, rule, spectra, 0, notes)
+    elif rule.uniform:
+        spectra, fixed_ranks = _one_rank(source, settings, rule, job(None, enc), notes)
+    if rule.uniform and fixed_ranks:  # one rank: the alpha kohya would write for it, nothing folded
+        enc = encode.choose_encoding(source, next(iter(fixed_ranks.values())), settings.dtype)
     if dst is None:
         known = {name: item.spectrum for name, item in spectra.items()} if spectra else None
-        module_reports = job(fixed_ranks).plan(known)
+        module_reports = job(fixed_ranks, enc).plan(known)
         output = None
     else:
         extra = {"lorad.source_autov3": source_data_sha256[:12]}
+        if not rule.is_plain:
+            extra.update({"lorad.rank_rule": rule.describe(), **({"lorad.serve": rule.serve} if rule.serve else {})})
         provenance = writer.provenance_keys(input_info.sha256, settings.method, _param(settings), extra)
         for attempt in range(3):
-            module_reports, outputs = job(fixed_ranks).reduce()
+            module_reports, outputs = job(fixed_ranks, enc).reduce()
             written = _write(source, outputs, enc, dst, provenance, module_reports)
-            overshoot = written.bytes - _target_bytes(settings) if spectra else 0
+            overshoot = written.bytes - _target_bytes(settings) if settings.method == "budget" else 0
             if overshoot <= 0 or attempt == 2:
                 break
             # The header came out larger than guessed: give those bytes back and allocate again.
-            fixed_ranks = _allocate(source, settings, spectra, overshoot, notes)
+            fixed_ranks = _allocate(source, settings, rule, spectra, overshoot, notes)
         output = FileInfo(str(written.path), written.sha256, written.bytes)
-        if spectra:
+        if settings.method == "budget":
             notes.append(_budget_note(written.bytes, settings))
     reports = _in_file_order(source, module_reports)
     return Report(input_info, output, settings.method, _param(settings), time.perf_counter() - started,
@@ -199,22 +218,50 @@ def _target_bytes(settings: ReduceSettings) -> int:
     return int(target_mib * budget_mod.MIB)
 
 
-def _spectra_for_budget(source: LoraSource, settings: ReduceSettings, job: Job) -> dict[str, budget_mod.BudgetItem]:
-    """Pass 1 of `budget`: every module's spectrum, its cap and its cost per kept direction."""
+def _spectra_for_budget(source: LoraSource, settings: ReduceSettings, rule: rank_rules.RankRule,
+                        job: Job) -> dict[str, budget_mod.BudgetItem]:
+    """Pass 1 of `budget`: every module's spectrum, its cap, its cost per kept direction, and the
+    ranks a rank rule allows it."""
     items = {}
     for m, s in job.spectra():
         itemsize = encode.output_dtype(m.dtype, settings.dtype).itemsize
-        cap = min(m.rank, s.numel(), settings.max_rank or m.rank)
-        items[m.name] = budget_mod.BudgetItem(s, cap, (m.out_features + m.in_features) * itemsize)
+        available = min(m.rank, s.numel())
+        cap = min(available, settings.max_rank or m.rank)
+        levels = None if rule.is_plain or rule.uniform else tuple(rank_rules.levels(rule, available, settings.max_rank))
+        items[m.name] = budget_mod.BudgetItem(s, cap, (m.out_features + m.in_features) * itemsize, levels)
     return items
 
 
-def _allocate(source: LoraSource, settings: ReduceSettings, items: dict[str, budget_mod.BudgetItem],
-              extra_fixed: int, notes: list[str]) -> dict[str, int]:
+def _allocate(source: LoraSource, settings: ReduceSettings, rule: rank_rules.RankRule,
+              items: dict[str, budget_mod.BudgetItem], extra_fixed: int, notes: list[str]) -> dict[str, int]:
     fixed = _fixed_bytes(source) + extra_fixed
+    if rule.uniform:
+        top = max(it.cap for it in items.values())
+        candidates = list(rule.allowed) if rule.allowed else sorted(
+            {rule.per_module(k, k, settings.max_rank) for k in range(1, top + 1)})
+        candidates = [c for c in candidates if settings.max_rank is None or c <= settings.max_rank] or candidates[:1]
+        one = budget_mod.allocate_uniform(list(items.values()), fixed, _target_bytes(settings), candidates)
+        notes.append(f"budget: {len(items)} modules, one rank {one} for every module")
+        return dict.fromkeys(items, one)
     ranks = budget_mod.allocate(list(items.values()), fixed, _target_bytes(settings))
     notes.append(f"budget: {len(items)} modules, {sum(ranks)} singular directions kept")
     return dict(zip(items, ranks))
+
+
+def _one_rank(source: LoraSource, settings: ReduceSettings, rule: rank_rules.RankRule, job: Job,
+              notes: list[str]) -> tuple[dict[str, budget_mod.BudgetItem], dict[str, int]]:
+    """A uniform rule's pass 1: the method's rank for every module, then the one rank for all."""
+    items, wanted = {}, {}
+    for m, s in job.spectra():
+        items[m.name] = budget_mod.BudgetItem(s, min(m.rank, s.numel()), 0)
+        wanted[m.name] = job.method_rank(m, s)
+    one = rule.one_rank(wanted.values(), settings.max_rank)
+    short = sum(1 for k in wanted.values() if k > one)
+    padded = sum(1 for it in items.values() if it.cap < one)
+    notes.append(f"one rank {one} for all {len(wanted)} modules ({rule.describe()})"
+                 + (f"; {short} modules wanted more and are capped" if short else "")
+                 + (f"; {padded} modules have fewer directions and are padded with zeros" if padded else ""))
+    return items, dict.fromkeys(wanted, one)
 
 
 def _fixed_bytes(source: LoraSource) -> int:
