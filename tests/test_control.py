@@ -27,6 +27,7 @@ from lorad.control.protocol import (
 )
 from lorad.control.server import Authorizer, ControlServer, Peer, claim_socket_path
 from lorad.errors import LoradError
+from tests._daemon_fixtures import wait_for
 
 # ---------------------------------------------------------------------------------------------
 # Protocol
@@ -56,6 +57,18 @@ def test_a_valid_request_parses_with_defaults_filled() -> None:
         (b'{"v":1,"id":9,"method":"switch","params":{"path":"/a","variant":"2"}}', Code.BAD_PARAMS, 9),
         (b'{"v":1,"id":10,"method":"revert","params":{"path":"/a\\u0000b"}}', Code.BAD_PARAMS, 10),
         (b'{"v":1,"id":11,"method":"revert","params":{"path":"  "}}', Code.BAD_PARAMS, 11),
+        # hostile lines (issue 10): each its own code, never `internal`
+        (b'{"v":1,"id":12,"method":"list","params":{"folder":' + b"[" * 5000 + b"]" * 5000 + b"}}", Code.BAD_REQUEST, None),
+        (b'{"v":1,"id":' + b"9" * 5000 + b',"method":"hello"}', Code.BAD_REQUEST, None),
+        (b'{"v":1,"id":9223372036854775808,"method":"hello"}', Code.BAD_REQUEST, None),
+        (b'{"v":1,"id":"' + b"x" * 129 + b'","method":"hello"}', Code.BAD_REQUEST, None),
+        (b'{"v":1,"id":13,"method":"list","params":{"folder":"/w/\xff"}}', Code.BAD_JSON, None),
+        (b'{"v":1,"id":14,"method":"list","params":{"folder":"/w/\xed\xa0\x80"}}', Code.BAD_JSON, None),
+        (b'{"v":1,"id":15,"method":"switch","params":{"path":"/a","variant":-9223372036854775809}}', Code.BAD_PARAMS, 15),
+        (b'{"v":1,"id":16,"method":"show","params":{"target":1000000000000000000000000}}', Code.BAD_PARAMS, 16),
+        (b'{"v":1,"id":17,"method":"show","params":{"target":"/w/\\ud800"}}', Code.BAD_PARAMS, 17),
+        (b'{"v":1,"id":18,"method":"reduce","params":{"path":"/w/a","policy":"\\udcff"}}', Code.BAD_PARAMS, 18),
+        (b'{"v":1,"id":19,"method":"revert","params":{"path":"/w/' + b"a" * 256 + b'"}}', Code.BAD_PARAMS, 19),
     ],
 )
 def test_bad_requests_get_one_clear_error_code(line: bytes, code: str, rid: Any) -> None:
@@ -64,6 +77,19 @@ def test_bad_requests_get_one_clear_error_code(line: bytes, code: str, rid: Any)
     assert err.value.code == code
     assert getattr(err.value, "rid", None) == rid
     assert err.value.message
+
+
+def test_limits_are_inclusive_and_brackets_in_strings_do_not_count() -> None:
+    edge = parse_request(b'{"v":1,"id":-9223372036854775808,"method":"switch","params":{"path":"/w/[[[[[[[[[[.st","variant":9223372036854775807}}')
+    assert (edge.id, edge.params["variant"], edge.params["path"]) == (-(2**63), 2**63 - 1, "/w/[[[[[[[[[[.st")
+
+
+def test_a_non_utf8_file_name_travels_as_os_fsdecode_gives_it() -> None:
+    name = os.fsdecode(b"/w/caf\xe9.safetensors")  # Latin-1 bytes on disk
+    line = encode_request(1, "revert", {"path": name})
+    assert line.isascii() and b"\\udce9" in line
+    path = parse_request(line).params["path"]
+    assert os.fsencode(path) == b"/w/caf\xe9.safetensors"
 
 
 def test_oversized_requests_are_refused_before_parsing() -> None:
@@ -78,8 +104,12 @@ def test_responses_decode_to_results_or_raise_their_error() -> None:
     with pytest.raises(ControlError) as err:
         decode_response(b'{"id":3,"error":{"code":"not_found","message":"no such LoRA"}}', 3)
     assert (err.value.code, err.value.message) == ("not_found", "no such LoRA")
-    with pytest.raises(ControlError):
-        decode_response(encode_result(4, None), 3)  # a reply to another request
+    with pytest.raises(ControlError) as err:
+        decode_response(encode_result(4, {"secret": 1}), 3)  # a reply to another request
+    assert "secret" not in err.value.message
+    with pytest.raises(ControlError) as err:  # about the connection, so it answers any request
+        decode_response(b'{"id":null,"error":{"code":"busy","message":"too many connections; try again"}}', 3)
+    assert err.value.code == Code.BUSY
 
 
 def test_only_read_methods_are_open_to_everyone() -> None:
@@ -215,6 +245,24 @@ def test_an_oversized_request_is_cut_off_without_harm(served) -> None:  # type: 
     assert replies == [{"id": None, "error": {"code": Code.TOO_LARGE, "message": f"request is over {MAX_REQUEST_BYTES} bytes"}}]
     assert table.calls == []
     assert Client(server.path).call("hello")["daemon"] == "test"
+
+
+def test_health_is_a_hello_through_the_socket_file(served) -> None:  # type: ignore[no-untyped-def]
+    server, table = served
+    assert server.healthy()
+    assert table.calls[-1][0] == "hello"  # it went all the way through
+    os.rename(server.path, server.path.with_suffix(".moved"))  # clients can no longer find it
+    assert not server.healthy()
+    os.rename(server.path.with_suffix(".moved"), server.path)
+    assert server.healthy()
+
+
+def test_a_broken_listener_ends_the_accept_loop_and_health_says_so(served) -> None:  # type: ignore[no-untyped-def]
+    server, _ = served
+    # Stands in for a listening socket that fails under the daemon: nothing a peer can do.
+    server._sock.shutdown(socket.SHUT_RDWR)
+    wait_for(lambda: not server._thread.is_alive(), 10, 0.05, "the accept loop to end rather than spin")
+    assert not server.healthy()
 
 
 def outsider() -> tuple[int, int]:

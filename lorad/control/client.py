@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import itertools
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
-from lorad.control.protocol import MAX_RESPONSE_BYTES, ControlError, decode_response, encode_request
+from lorad.control.protocol import MAX_RESPONSE_BYTES, Code, ControlError, decode_response, encode_request
 from lorad.errors import LoradError
+
+BACKLOG_WAIT = 10.0
 
 
 class DaemonNotRunning(LoradError):
@@ -35,7 +38,7 @@ class Client:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
-            sock.connect(str(self.path))
+            self._dial(sock)
         except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as e:
             sock.close()
             raise DaemonNotRunning(
@@ -47,6 +50,19 @@ class Client:
             raise LoradError(f"no permission to open {self.path}; ask to join the lorad operator group") from e
         self._sock = sock
 
+    def _dial(self, sock: socket.socket) -> None:
+        """Connect, waiting a while when the daemon's backlog is full (a flood of connections)."""
+        deadline = time.monotonic() + min(self.timeout, BACKLOG_WAIT)
+        while True:
+            try:
+                sock.connect(str(self.path))
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    sock.close()
+                    raise ControlError(Code.BUSY, "too many connections are waiting; try again") from None
+                time.sleep(0.05)
+
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
@@ -57,8 +73,12 @@ class Client:
         self.connect()
         assert self._sock is not None
         rid = next(self._ids)
+        request = encode_request(rid, method, {k: v for k, v in params.items() if v is not None})
         try:
-            self._sock.sendall(encode_request(rid, method, {k: v for k, v in params.items() if v is not None}))
+            try:
+                self._sock.sendall(request)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # refused on connecting (busy): its one-line reason is still there to read
             line = self._read_line()
         except TimeoutError as e:
             raise LoradError(f"the daemon did not answer {method} within {self.timeout:.0f}s") from e

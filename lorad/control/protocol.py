@@ -6,11 +6,26 @@ Error:    {"id": 7, "error": {"code": "outside_watch", "message": "..."}}
 
 Each method's parameters are described as data (`METHODS`), so validation, authorisation (which
 methods mutate) and the client share one table.
+
+Hostile input is refused before it reaches a method, each with its own code, never `internal`:
+- a line is UTF-8 (else `bad_json`), at most MAX_REQUEST_BYTES (`too_large`) and at most
+  MAX_DEPTH brackets deep (`bad_request`; checked before parsing, so deep nesting costs nothing);
+- ids and integer params are signed 64-bit (what SQLite stores), string ids at most MAX_ID_CHARS:
+  a bad id is `bad_request` answered with id null, a bad param is `bad_params` naming it.
+
+Paths travel as JSON strings. A file name that is not UTF-8 travels as `os.fsdecode(raw_bytes)`:
+its undecodable bytes become lone surrogates U+DC80..U+DCFF (surrogateescape), which JSON escapes
+as "\\udcff". The daemon takes such a string to mean `os.fsencode(string)`, the very bytes the
+os module uses for it, so the file named is exactly the one the client saw. A path param that
+`os.fsencode` rejects (any other lone surrogate), longer than PATH_MAX or with a name longer
+than NAME_MAX bytes is `bad_params`. Both sides write JSON in ASCII, so any string survives.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +34,10 @@ from lorad.errors import LoradError
 VERSION = 1
 MAX_REQUEST_BYTES = 64 * 1024  # a request is a method name and a few short params
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+MAX_DEPTH = 8  # a request is two deep ({"params": {...}}); no param is a container
+MAX_ID_CHARS = 128
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+PATH_MAX, NAME_MAX = 4096, 255  # Linux's limits in bytes: past them every syscall fails anyway
 
 
 class Code:
@@ -35,6 +54,7 @@ class Code:
     OUTSIDE_WATCH = "outside_watch"
     CONFLICT = "conflict"
     REFUSED = "refused"  # a LoradError: the operation cannot be done as asked
+    BUSY = "busy"  # too many connections: try again (a connection-level reply, id null)
     INTERNAL = "internal"
 
 
@@ -53,6 +73,7 @@ class Param:
     type: type | tuple[type, ...]
     required: bool = False
     default: Any = None
+    path: bool = False  # a string here names a file: see the module docstring
 
 
 @dataclass(frozen=True)
@@ -71,16 +92,16 @@ METHODS: dict[str, MethodSpec] = dict(
     [
         _spec("hello", False, "protocol and daemon version"),
         _spec("status", False, "queue depth, the running job, device, space saved"),
-        _spec("list", False, "watched LoRAs and their variants", Param("folder", str)),
-        _spec("show", False, "one LoRA by path or id", Param("target", (str, int), required=True)),
-        _spec("revert", True, "put the original back at its path", Param("path", str, required=True)),
+        _spec("list", False, "watched LoRAs and their variants", Param("folder", str, path=True)),
+        _spec("show", False, "one LoRA by path or id", Param("target", (str, int), required=True, path=True)),
+        _spec("revert", True, "put the original back at its path", Param("path", str, required=True, path=True)),
         _spec(
             "switch", True, "make a variant the file at its path",
-            Param("path", str, required=True), Param("variant", int, required=True),
+            Param("path", str, required=True, path=True), Param("variant", int, required=True),
         ),  # fmt: skip
         _spec(
             "reduce", True, "enqueue a watched file now, optionally under another policy",
-            Param("path", str, required=True), Param("policy", str),
+            Param("path", str, required=True, path=True), Param("policy", str),
         ),  # fmt: skip
         _spec("pause", True, "stop starting new jobs"),
         _spec("resume", True, "start jobs again"),
@@ -107,14 +128,22 @@ def parse_request(line: bytes, methods: dict[str, MethodSpec] = METHODS) -> Requ
     if len(line) > MAX_REQUEST_BYTES:
         raise RequestError(None, Code.TOO_LARGE, f"request is over {MAX_REQUEST_BYTES} bytes")
     try:
-        doc = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = line.decode("utf-8")  # strict: json.loads(bytes) would let encoded surrogates through
+    except UnicodeDecodeError as e:
+        raise RequestError(None, Code.BAD_JSON, f"request is not UTF-8: {e}") from None
+    if _deeper_than(text, MAX_DEPTH):
+        raise RequestError(None, Code.BAD_REQUEST, f"request is nested more than {MAX_DEPTH} deep")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
         raise RequestError(None, Code.BAD_JSON, f"request is not JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # a number past Python's int-string limit
+        raise RequestError(None, Code.BAD_REQUEST, f"request holds an unreadable value: {e}") from None
     if not isinstance(doc, dict):
         raise RequestError(None, Code.BAD_REQUEST, "request must be a JSON object")
     rid = doc.get("id")
-    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (int, str))):
-        raise RequestError(None, Code.BAD_REQUEST, "id must be a number or a string")
+    if rid is not None and not _valid_id(rid):
+        raise RequestError(None, Code.BAD_REQUEST, f"id must be a 64-bit integer or a string of at most {MAX_ID_CHARS} characters")
     unknown = set(doc) - {"v", "id", "method", "params"}
     if unknown:
         raise RequestError(rid, Code.BAD_REQUEST, f"unknown request fields: {', '.join(sorted(unknown))}")
@@ -155,10 +184,60 @@ def validate_params(spec: MethodSpec, params: dict[str, Any], rid: int | str | N
         if isinstance(value, bool) and bool not in types or not isinstance(value, types):
             names = " or ".join(t.__name__ for t in types)
             raise RequestError(rid, Code.BAD_PARAMS, f"{spec.name}: param {p.name!r} must be {names}, got {type(value).__name__}")
-        if isinstance(value, str) and ("\0" in value or not value.strip()):
-            raise RequestError(rid, Code.BAD_PARAMS, f"{spec.name}: param {p.name!r} must be a non-empty string")
+        problem = _int_problem(value) if isinstance(value, int) and not isinstance(value, bool) else None
+        if isinstance(value, str):
+            problem = _path_problem(value) if p.path else _text_problem(value)
+        if problem:
+            raise RequestError(rid, Code.BAD_PARAMS, f"{spec.name}: param {p.name!r} {problem}")
         clean[p.name] = value
     return clean
+
+
+def _int_problem(value: int) -> str | None:
+    return None if INT_MIN <= value <= INT_MAX else "is out of range (a signed 64-bit integer)"
+
+
+def _text_problem(value: str) -> str | None:
+    if "\0" in value or not value.strip():
+        return "must be a non-empty string"
+    if any("\ud800" <= c <= "\udfff" for c in value):
+        return "holds a lone surrogate (not a character)"
+    return None
+
+
+def _path_problem(value: str) -> str | None:
+    if "\0" in value or not value.strip():
+        return "must be a non-empty string"
+    try:
+        raw = os.fsencode(value)
+    except UnicodeEncodeError:
+        return "holds a lone surrogate that is not an escaped byte (see os.fsdecode)"
+    if len(raw) >= PATH_MAX or any(len(name) > NAME_MAX for name in raw.split(b"/")):
+        return f"is too long (a path is under {PATH_MAX} bytes, a name at most {NAME_MAX})"
+    return None
+
+
+def _valid_id(rid: object) -> bool:
+    if isinstance(rid, bool):
+        return False
+    if isinstance(rid, int):
+        return INT_MIN <= rid <= INT_MAX
+    return isinstance(rid, str) and len(rid) <= MAX_ID_CHARS
+
+
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def _deeper_than(text: str, limit: int) -> bool:
+    """Whether brackets nest deeper than `limit` outside strings (malformed JSON may count wrong;
+    the parser refuses it anyway)."""
+    depth = 0
+    for c in _BRACKETS.findall(_STRINGS.sub("", text)):
+        depth += 1 if c in "[{" else -1
+        if depth > limit:
+            return True
+    return False
 
 
 def encode_request(rid: int | str, method: str, params: dict[str, Any] | None = None) -> bytes:
@@ -179,8 +258,10 @@ def decode_response(line: bytes, rid: int | str) -> Any:
         doc = json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ControlError(Code.BAD_JSON, f"the daemon sent a reply that is not JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("id") != rid:
-        raise ControlError(Code.BAD_REQUEST, f"the daemon answered another request: {str(doc)[:200]}")
+    if not isinstance(doc, dict):
+        raise ControlError(Code.BAD_REQUEST, "the daemon's reply is not a JSON object")
+    if doc.get("id") != rid and not (doc.get("id") is None and "error" in doc):  # id null: about the connection
+        raise ControlError(Code.BAD_REQUEST, f"the daemon answered request {doc.get('id')!r}, not {rid!r}")
     if "error" in doc:
         err = doc["error"] if isinstance(doc["error"], dict) else {}
         raise ControlError(str(err.get("code", Code.INTERNAL)), str(err.get("message", "unknown error")))
@@ -188,4 +269,4 @@ def decode_response(line: bytes, rid: int | str) -> Any:
 
 
 def _line(doc: dict[str, Any]) -> bytes:
-    return json.dumps(doc, default=str, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    return json.dumps(doc, default=str, separators=(",", ":")).encode() + b"\n"  # ASCII: lone surrogates too
