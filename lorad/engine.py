@@ -175,7 +175,7 @@ def _run_on(source: LoraSource, dst: Path | None, settings: ReduceSettings, prog
 def _write(source: LoraSource, outputs: dict, enc: encode.Encoding, dst: Path,
            provenance: dict[str, str], reports: dict[str, ModuleReport]) -> writer.Written:
     def check(written: Path) -> None:
-        readback.check_written(source, written, reports)
+        readback.check_written(source, written, reports, outputs, enc)
 
     try:
         return writer.write_lora(source, outputs, enc, dst, provenance, check)

@@ -31,7 +31,8 @@ def _reduce_with(src: Path, enc: encode.Encoding):
 
 def _write_checked(source, outputs, enc, dst: Path, reports) -> None:
     provenance = writer.provenance_keys("0" * 64, "fro", 0.9, {})
-    writer.write_lora(source, outputs, enc, dst, provenance, lambda p: readback.check_written(source, p, reports))
+    writer.write_lora(source, outputs, enc, dst, provenance,
+                      lambda p: readback.check_written(source, p, reports, outputs, enc))
 
 
 def test_the_0_1_encoding_of_diffusers_files_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
@@ -72,7 +73,7 @@ def test_a_peft_config_that_states_other_ranks_is_refused(tmp_path: Path) -> Non
 
     def write_stale_config(tmp: Path) -> None:
         (tmp / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8, "lora_alpha": 16}')
-        readback.check_written(stale, tmp, reports)
+        readback.check_written(stale, tmp, reports, outputs, enc)
 
     provenance = writer.provenance_keys("0" * 64, "fro", 0.9, {})
     with pytest.raises(ReduceError, match="its config says rank 8, its tensors have"):
