@@ -159,18 +159,36 @@ def _number(x: float) -> str:
 
 
 def _diffusers_metadata(source: LoraSource, outputs: dict[str, ModuleOutput], enc: Encoding) -> dict[str, object]:
-    """Minimal LoraConfig per component (r, lora_alpha, target_modules, rank_pattern, alpha_pattern).
+    """Minimal LoraConfig per component (r, lora_alpha, target_modules, rank_pattern, alpha_pattern;
+    lora_bias where modules carry lora_B.bias, or diffusers would drop the biases).
 
     Never the input's own metadata: a stale r or a newer PEFT's extra fields break loading.
     """
     by_component: dict[str, dict[str, tuple[int, float]]] = {}
+    biased: set[str] = set()
     for name, entry in module_ranks_alphas(source, outputs, enc).items():
         comp = scales.component(name) or "unet"
-        by_component.setdefault(comp, {})[scales.config_path(name, False)] = entry
+        by_component.setdefault(comp, {})[_metadata_path(comp, name)] = entry
+    for m in source.modules:
+        if "up_bias" in m.keys:
+            biased.add(scales.component(m.name) or "unet")
     flat: dict[str, object] = {}
     for comp, entries in sorted(by_component.items()):
-        flat.update({f"{comp}.{k}": v for k, v in lora_fields(entries).items()})
+        fields = lora_fields(entries)
+        if comp in biased:
+            fields["lora_bias"] = True
+        flat.update({f"{comp}.{k}": v for k, v in fields.items()})
     return flat
+
+
+def _metadata_path(comp: str, name: str) -> str:
+    """The module path written in metadata. transformers 5 dropped `text_model.` from CLIP's module
+    names and diffusers strips it from tensor keys, not from metadata: without it the path still
+    matches both stacks, since PEFT matches pattern keys and target names by suffix."""
+    path = scales.config_path(name, False)
+    if comp.startswith("text_encoder"):
+        path = path.removeprefix("text_model.")
+    return path
 
 
 def provenance_keys(source_sha256: str, method: str, param: float | None, extra: dict[str, str]) -> dict[str, str]:
