@@ -8,7 +8,10 @@ brings the records to it: a watched file holding a known variant's bytes makes t
 and one holding unknown bytes is a new original (stored, never overwritten).
 
 Only one Library per state directory should mutate at a time (the daemon); within it, operations
-are serialised by a lock.
+are serialised by a lock. No operation opens a watched path that is not a regular file (a FIFO
+would block it, and every other caller behind the lock): such a path, or one lorad cannot read, is
+refused with its reason and recorded as a refusal (`refusals()`), as the watcher's refusals are.
+Verify and gc live in lorad.upkeep.
 """
 
 from __future__ import annotations
@@ -16,35 +19,40 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import structlog
 from sqlalchemy.orm import Session
 
-from lorad._atomic import is_temp_name, temp_name
+from lorad._atomic import is_temp_name
+from lorad._fileio import check_regular
 from lorad.db import repo
-from lorad.db.models import Blob, Lora, Variant, utcnow
-from lorad.db.session import Database, default_url
+from lorad.db.models import Lora, Variant
+from lorad.db.session import BUSY_TIMEOUT_MS, Database, DatabaseUnavailable, default_url, sqlite_path
 from lorad.errors import LoradError, StoreError
 from lorad.formats.detect import detect_format
 from lorad.formats.keys import parse_key
-from lorad.formats.safetensors_file import Header, file_data_sha256, is_complete, read_header
+from lorad.formats.safetensors_file import Header, file_data_sha256, read_header
+from lorad.pathtext import shown
+from lorad.reconcile import FileState, file_state, unchanged_token
 from lorad.records import (
     EventView,
     GcPlan,
     LoraView,
-    Reconciled,
+    RefusalView,
     VariantView,
     VerifyReport,
     event_view,
     lora_view,
+    refusal_view,
     variant_view,
 )
+from lorad.refusals import Refusal
+from lorad.state_dir import Modes, secure_dir, secure_sqlite
 from lorad.report import Report
 from lorad.store import (
     BlobInfo,
@@ -54,47 +62,15 @@ from lorad.store import (
     Store,
     TargetChanged,
     _crashpoint,
-    hash_file,
 )
 
 log = structlog.get_logger()
 
 LoraRef = int | str | os.PathLike[str]
 SwitchKind = Literal["activated", "reverted", "switched"]
-FileStateKind = Literal["in-sync", "reconciled", "new-original", "gone", "unsettled"]
 
 
 # -- plain results ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _FileState:
-    """What a watched file holds, once the records have been brought to it."""
-
-    kind: FileStateKind
-    variant_id: int | None  # the variant the file holds (None when gone or unsettled)
-    previous: int | None  # the active variant the records named before
-    sha256: str | None = None
-
-
-@dataclass(frozen=True)
-class _KeepRule:
-    default: int
-    by_policy: dict[str, int]
-
-    def count(self, policy: str | None) -> int:
-        return self.by_policy.get(policy, self.default) if policy is not None else self.default
-
-
-@dataclass
-class _VerifyTally:
-    corrupt: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    repaired: list[str] = field(default_factory=list)
-    reconciled: list[Reconciled] = field(default_factory=list)
-    missing_files: list[Path] = field(default_factory=list)
-    unsettled: list[Path] = field(default_factory=list)
-    temp_removed: list[Path] = field(default_factory=list)
 
 
 def _blob_record(sha256: str, size: int, data_sha256: str | None, header: Header) -> repo.BlobRecord:
@@ -125,18 +101,28 @@ class Library:
         database_url: str | None = None,
         link_mode: LinkMode = "reflink-or-copy",
         migrate_on_open: bool = True,
+        operator_gid: int | None = None,
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
     ) -> None:
+        """operator_gid: the operator group, which may read the state (lorad.state_dir).
+        busy_timeout_ms: how long a write waits for another holder of SQLite's write lock before
+        the operation fails with DatabaseUnavailable (a TransientError)."""
+        self.modes = Modes(operator_gid)
         self.state_dir = Path(state_dir).resolve()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        secure_dir(self.state_dir, self.modes)
         self.roots = tuple(Path(r).resolve() for r in watched_roots)
         self.database_url = database_url or default_url(self.state_dir)
+        db_file = sqlite_path(self.database_url)
+        if db_file is not None:
+            secure_sqlite(db_file, self.modes)
         if migrate_on_open:
             from lorad.db import migrate  # Alembic is only needed here: keep it out of a bare import
 
             migrate.upgrade(self.database_url)
-        self.store = Store(self.state_dir / "store", link_mode)
-        self.db = Database(self.database_url)
-        self._lock = threading.RLock()
+        self.store = Store(self.state_dir / "store", link_mode, self.modes.blob, operator_gid)
+        self.db = Database(self.database_url, busy_timeout_ms)
+        # Reentrant: verify and gc (lorad.upkeep) hold it around the library's own operations.
+        self.lock = threading.RLock()
 
     def close(self) -> None:
         self.db.close()
@@ -173,6 +159,19 @@ class Library:
                         found[lora.id] = lora_view(s, lora)
             return list(found.values())
 
+    def refusals(self) -> list[RefusalView]:
+        """Watched paths lorad will not take as they are, with why; paths gone since are left out
+        (the next reconcile scan forgets them)."""
+        with self.db.read() as s:
+            rows = [refusal_view(s, r) for r in repo.all_refusals(s)]
+        return [r for r in rows if os.path.lexists(r.path)]
+
+    def refusal(self, path: str | os.PathLike[str]) -> RefusalView | None:
+        """The refusal recorded for `path` as named (absolute, not resolved: a symlink's own name)."""
+        with self.db.read() as s:
+            row = repo.refusal_at(s, os.path.abspath(path))
+            return refusal_view(s, row) if row is not None else None
+
     def module_metrics(self, variant_id: int) -> list[dict[str, Any]]:
         with self.db.read() as s:
             return [
@@ -187,18 +186,22 @@ class Library:
         self, path: str | os.PathLike[str], policy: str | None = None, actor: str = "library"
     ) -> LoraView:
         """Store a watched file as an original (idempotent: a known file changes nothing)."""
-        with self._lock, self._failure_recorded("ingest", actor, path):
+        with self.lock, self._failure_recorded("ingest", actor, path):
             target, root = self._watched(path)
-            if not target.is_file():
-                raise StoreError(f"{target}: not a regular file")
+            try:
+                check_regular(target)  # a FIFO, device or directory: refused by its mode, unopened
+            except FileNotFoundError:
+                raise StoreError(f"{target}: no such file") from None
             with self.db.read() as s:
                 lora = repo.lora_by_path(s, str(target))
                 lora_id = lora.id if lora else None
             if lora_id is not None:
-                self._reconcile(lora_id, actor, trust_stamp=True)
+                state = self.reconcile(lora_id, actor, trust_stamp=True)  # forgets a refusal of `target`
+                if state.refusal is None and os.path.abspath(path) != str(target):
+                    self.clear_refusal(path)  # and of the symlink it was found under
                 return self.lora(lora_id)
             stamp = FileStamp.of_path(target)
-            info, record = self._store_file(target)
+            info, record = self.store_file(target)
             _crashpoint("ingest:after-store")
             with self.db.write() as s:
                 lora = repo.lora_by_path(s, str(target)) or repo.add_lora(s, str(target), str(root), policy)
@@ -206,15 +209,17 @@ class Library:
                 variant = repo.original_with_blob(s, lora, info.sha256)
                 repo.set_original(s, lora, variant)
                 repo.set_active(s, lora, variant)
-                lora.file_stamp = _unchanged_token(target, stamp)
+                lora.file_stamp = unchanged_token(target, stamp)
                 repo.record_event(s, "ingested", actor, lora.id, variant.id, sha256=info.sha256,
                                   bytes=info.bytes, path=str(target))  # fmt: skip
+                repo.clear_refusal(s, os.path.abspath(path))
+                repo.clear_refusal(s, str(target))
                 lora_id = lora.id
             _crashpoint("ingest:after-commit")
-            log.info("ingested", path=str(target), sha256=info.sha256)
+            log.info("ingested", path=shown(target), sha256=info.sha256)
             return self.lora(lora_id)
 
-    def _store_file(self, path: Path, expect_sha256: str | None = None) -> tuple[BlobInfo, repo.BlobRecord]:
+    def store_file(self, path: Path, expect_sha256: str | None = None) -> tuple[BlobInfo, repo.BlobRecord]:
         """Copy a complete safetensors file into the store; describe the bytes actually stored."""
         before = read_header(path)
         info = self.store.ingest(path, data_offset=before.data_offset, expect_sha256=expect_sha256)
@@ -227,7 +232,7 @@ class Library:
 
     def add_variant(self, lora: LoraRef, report: Report, actor: str = "library") -> VariantView:
         """Store a reduction's output file as a variant of `lora` with its metrics (not activated)."""
-        with self._lock, self._failure_recorded("add_variant", actor, lora):
+        with self.lock, self._failure_recorded("add_variant", actor, lora):
             if report.output is None:
                 raise StoreError("the report describes no output file (a plan?); nothing to add")
             out = Path(report.output.path)
@@ -239,7 +244,7 @@ class Library:
                         f"the reduction's input ({report.input.sha256[:12]}) is not a stored variant "
                         "of this LoRA; not added"
                     )
-            info, record = self._store_file(out, expect_sha256=report.output.sha256)
+            info, record = self.store_file(out, expect_sha256=report.output.sha256)
             _crashpoint("add_variant:after-store")
             with self.db.write() as s:
                 row = s.get(Lora, lora_id)
@@ -274,7 +279,7 @@ class Library:
         self, ref: LoraRef, choose: Callable[[Lora], int | None], kind: SwitchKind, actor: str
     ) -> LoraView:
         op = {"activated": "activate", "reverted": "revert", "switched": "switch"}[kind]
-        with self._lock, self._failure_recorded(op, actor, ref):
+        with self.lock, self._failure_recorded(op, actor, ref):
             with self.db.read() as s:
                 row = self._find_lora(s, ref)
                 lora_id, path = row.id, Path(row.path)
@@ -294,7 +299,7 @@ class Library:
                 repo.record_event(s, kind, actor, lora_id, wanted.id, previous_variant=current,
                                   sha256=wanted.blob_sha256, path=str(path))  # fmt: skip
             _crashpoint("put:after-commit")
-            log.info(kind, path=str(path), variant=wanted.id)
+            log.info(kind, path=shown(path), variant=wanted.id)
             return self.lora(lora_id)
 
     def _settled_state(self, lora_id: int, path: Path, actor: str) -> tuple[FileStamp, int]:
@@ -307,9 +312,11 @@ class Library:
             stamp = FileStamp.of(os.stat(path))
         except FileNotFoundError:
             stamp = None
-        state = self._reconcile(lora_id, actor)
+        state = self.reconcile(lora_id, actor)
         if stamp is None or state.kind == "gone":
             raise StoreError(f"{path}: the file is gone; lorad does not recreate removed LoRAs")
+        if state.refusal is not None:
+            raise StoreError(f"{path}: {state.refusal.reason}; left as it is")
         if state.kind == "unsettled":
             raise StoreError(
                 f"{path}: is not a complete safetensors file (still being written?); left as it is"
@@ -326,86 +333,30 @@ class Library:
         try:
             self.store.materialize(wanted.blob_sha256, path, expect=stamp)
         except CorruptBlob as e:
-            self._quarantine(e.sha256, actor, wanted.lora_id, wanted.id)
+            self.quarantine(e.sha256, actor, wanted.lora_id, wanted.id)
             raise StoreError(
                 f"{path}: variant {wanted.id}'s stored bytes are corrupt (moved to the store's bad/); "
                 "the file was left as it was"
             ) from e
         except TargetChanged:
-            self._reconcile(wanted.lora_id, actor)
+            self.reconcile(wanted.lora_id, actor)
             raise
 
     # -- reconciling disk and records -----------------------------------------------------------
 
-    def _reconcile(self, lora_id: int, actor: str, trust_stamp: bool = False) -> _FileState:
-        """Bring the records to what the watched file holds, and say what that is.
-
-        trust_stamp: a file whose (device, inode, size, mtime) is the one recorded when lorad last
-        knew its contents is taken as unchanged, unhashed: rescans of large libraries stay cheap.
-        Everything else (activate, switch, revert, verify) hashes.
-        """
-        with self.db.read() as s:
-            row = s.get(Lora, lora_id)
-            assert row is not None
-            path, active_id, known_stamp = Path(row.path), row.active_variant_id, row.file_stamp
-            active = s.get(Variant, active_id) if active_id is not None else None
-            active_sha = active.blob_sha256 if active else None
-        stamp = FileStamp.of_path(path)
-        if trust_stamp and stamp is not None and stamp.token == known_stamp and active_sha:
-            return _FileState("in-sync", active_id, active_id, active_sha)
-        try:
-            sha = hash_file(path)
-        except (FileNotFoundError, IsADirectoryError):
-            return _FileState("gone", None, active_id)
-        token = _unchanged_token(path, stamp)
-        if sha == active_sha:
-            self._record_stamp(lora_id, known_stamp, token)
-            return _FileState("in-sync", active_id, active_id, sha)
-        with self.db.read() as s:
-            known = repo.variant_with_blob(s, lora_id, sha)
-            known_id = known.id if known else None
-        if known_id is not None:
-            self._record_reconciled(lora_id, active_id, known_id, actor, token)
-            return _FileState("reconciled", known_id, active_id, sha)
-        if not is_complete(path):
-            return _FileState("unsettled", None, active_id, sha)  # being written: nothing to adopt yet
-        new_id = self._adopt_new_original(lora_id, path, active_id, actor)
-        return _FileState("new-original", new_id, active_id, sha)
-
-    def _record_stamp(self, lora_id: int, old: str | None, new: str | None) -> None:
-        if new is not None and new != old:
-            with self.db.write() as s:
+    def reconcile(self, lora_id: int, actor: str, trust_stamp: bool = False) -> FileState:
+        """Bring the records to what the watched file holds, and say what that is; a refusal of
+        its path is recorded, or forgotten once the file can be read again."""
+        state = file_state(self, lora_id, actor, trust_stamp)
+        if state.refusal is None and state.kind != "gone":
+            with self.db.read() as s:
                 row = s.get(Lora, lora_id)
-                assert row is not None
-                row.file_stamp = new
+                path = row.path if row is not None else None
+            if path is not None:
+                self.clear_refusal(path)
+        return state
 
-    def _record_reconciled(self, lora_id: int, old: int | None, new: int, actor: str, token: str | None) -> None:
-        with self.db.write() as s:
-            row = s.get(Lora, lora_id)
-            assert row is not None
-            repo.set_active(s, row, s.get(Variant, new))  # type: ignore[arg-type]
-            row.file_stamp = token
-            repo.record_event(s, "verified", actor, lora_id, new, reconciled=True,
-                              previous_variant=old, reason="the watched file holds this variant")  # fmt: skip
-
-    def _adopt_new_original(self, lora_id: int, path: Path, old: int | None, actor: str) -> int:
-        stamp = FileStamp.of_path(path)
-        info, record = self._store_file(path)
-        with self.db.write() as s:
-            row = s.get(Lora, lora_id)
-            assert row is not None
-            repo.ensure_blob(s, record)
-            variant = repo.original_with_blob(s, row, info.sha256)
-            repo.set_original(s, row, variant)
-            repo.set_active(s, row, variant)
-            row.file_stamp = _unchanged_token(path, stamp)
-            repo.record_event(s, "ingested", actor, lora_id, variant.id, sha256=info.sha256,
-                              bytes=info.bytes, path=str(path), previous_variant=old,
-                              reason="changed outside lorad")  # fmt: skip
-            log.warning("changed outside lorad", path=str(path), sha256=info.sha256)
-            return variant.id
-
-    def _quarantine(
+    def quarantine(
         self, sha256: str, actor: str, lora_id: int | None = None, variant_id: int | None = None
     ) -> None:
         try:
@@ -415,105 +366,44 @@ class Library:
         with self.db.write() as s:
             repo.record_event(s, "quarantined", actor, lora_id, variant_id, sha256=sha256, moved_to=str(dest))
 
-    # -- verify ------------------------------------------------------------------------------------
+    # -- refusals --------------------------------------------------------------------------------
+
+    def record_refusal(self, path: str | os.PathLike[str], refusal: Refusal) -> None:
+        """Record why a watched path is not taken (one row per path, replaced when the cause or
+        reason changes). `path` as found in the folder: a symlink's own name, not its target."""
+        where = os.path.abspath(path)
+        with self.db.read() as s:
+            row = repo.refusal_at(s, where)
+            if row is not None and (row.cause, row.reason) == (refusal.cause, refusal.reason):
+                return  # known already: no write (verify meets the same refusal at every pass)
+        stamp = FileStamp.of_path(Path(where))
+        with self.db.write() as s:
+            repo.record_refusal(s, where, refusal.cause, refusal.reason, stamp.token if stamp else None)
+
+    def clear_refusal(self, path: str | os.PathLike[str]) -> None:
+        where = os.path.abspath(path)
+        with self.db.read() as s:
+            if repo.refusal_at(s, where) is None:
+                return  # the usual case: no write for it
+        with self.db.write() as s:
+            repo.clear_refusal(s, where)
+
+    def prune_refusals(self, present: Iterable[str | os.PathLike[str]]) -> None:
+        """Forget the refusals of paths a full scan no longer found (or no longer watches)."""
+        keep = {os.path.abspath(p) for p in present}
+        with self.db.read() as s:
+            stale = [r.path for r in repo.all_refusals(s) if r.path not in keep]
+        if stale:
+            with self.db.write() as s:
+                repo.prune_refusals(s, keep)
+
+    # -- verify and gc (lorad.upkeep) ------------------------------------------------------------
 
     def verify(self, actor: str = "verify", stale_after: timedelta = timedelta(minutes=15)) -> VerifyReport:
-        """Re-hash every blob and every watched file; quarantine corrupt blobs, repair them from a
-        watched file with the same bytes, bring the records to what each watched file holds, and
-        remove lorad's own temp files older than `stale_after`."""
-        with self._lock:
-            tally = _VerifyTally()
-            checked = self._verify_blobs(tally, actor)
-            with self.db.read() as s:
-                lora_ids = [row.id for row in repo.all_loras(s)]
-            for lora_id in lora_ids:
-                self._verify_lora(lora_id, tally, actor, stale_after)
-            tally.temp_removed.extend(self._remove_stale(self.store.temp_files(), stale_after))
-            with self.db.read() as s:
-                recorded = {b.sha256 for b in repo.all_blobs(s)}
-            stray = tuple(sha for sha in self.store.blobs() if sha not in recorded)
-            report = VerifyReport(
-                blobs_checked=checked,
-                corrupt=tuple(tally.corrupt),
-                missing=tuple(tally.missing),
-                repaired=tuple(tally.repaired),
-                stray=stray,
-                reconciled=tuple(tally.reconciled),
-                missing_files=tuple(tally.missing_files),
-                unsettled=tuple(tally.unsettled),
-                temp_removed=tuple(tally.temp_removed),
-            )
-            with self.db.write() as s:
-                repo.record_event(s, "verified", actor, **_verify_summary(report))
-            return report
+        """Re-hash every blob and every watched file; see lorad.upkeep.verify."""
+        from lorad import upkeep
 
-    def _verify_blobs(self, tally: _VerifyTally, actor: str) -> int:
-        with self.db.read() as s:
-            shas = [b.sha256 for b in repo.all_blobs(s)]
-        good = []
-        for sha in shas:
-            if self.store.is_intact(sha):
-                good.append(sha)
-            elif self.store.has(sha):
-                self._quarantine(sha, actor)
-                tally.corrupt.append(sha)
-            else:
-                tally.missing.append(sha)
-        with self.db.write() as s:
-            now = utcnow()
-            for sha in good:
-                blob = s.get(Blob, sha)
-                if blob is not None:
-                    blob.verified_at = now
-        return len(shas)
-
-    def _verify_lora(self, lora_id: int, tally: _VerifyTally, actor: str, stale_after: timedelta) -> None:
-        with self.db.read() as s:
-            row = s.get(Lora, lora_id)
-            assert row is not None
-            path = Path(row.path)
-        tally.temp_removed.extend(self._remove_stale([temp_name(path)], stale_after))
-        try:
-            state = self._reconcile(lora_id, actor)
-        except LoradError as e:
-            log.warning("verify could not reconcile", path=str(path), error=str(e))
-            tally.unsettled.append(path)
-            return
-        if state.kind == "gone":
-            tally.missing_files.append(path)
-        elif state.kind == "unsettled":
-            tally.unsettled.append(path)
-        elif state.kind in ("reconciled", "new-original"):
-            assert state.variant_id is not None
-            tally.reconciled.append(
-                Reconciled(lora_id, path, state.previous, state.variant_id, state.kind == "new-original")
-            )
-        lost = (set(tally.corrupt) | set(tally.missing)) - set(tally.repaired)
-        if state.sha256 in lost:
-            self._repair_from(path, state.sha256, tally)
-
-    def _repair_from(self, path: Path, sha256: str, tally: _VerifyTally) -> None:
-        """A watched file with a lost blob's bytes gives the store its copy back."""
-        try:
-            self.store.ingest(path, expect_sha256=sha256)
-        except StoreError as e:
-            log.warning("repair failed", path=str(path), error=str(e))
-            return
-        tally.repaired.append(sha256)
-
-    def _remove_stale(self, paths: Sequence[Path], stale_after: timedelta) -> list[Path]:
-        removed = []
-        cutoff = utcnow().timestamp() - stale_after.total_seconds()
-        for p in paths:
-            try:
-                if p.stat().st_mtime <= cutoff:
-                    p.unlink()
-                    removed.append(p)
-            except FileNotFoundError:
-                continue
-        return removed
-
-    # -- gc ----------------------------------------------------------------------------------------
+        return upkeep.verify(self, actor, stale_after)
 
     def gc(
         self,
@@ -523,60 +413,10 @@ class Library:
         actor: str = "gc",
         keep_by_policy: Mapping[str, int] | None = None,
     ) -> GcPlan:
-        """Plan (and unless `dry_run`, carry out) removing reduced variants beyond the newest
-        `keep_variants` per LoRA (`keep_by_policy[lora.policy]` where given) and store blobs
-        nothing refers to, all older than `grace`. Originals, active variants and their blobs are
-        never collected."""
-        keep = _KeepRule(keep_variants, dict(keep_by_policy or {}))
-        if min((keep_variants, *keep.by_policy.values())) < 0:
-            raise StoreError("keep_variants must be >= 0")
-        with self._lock:
-            cutoff = utcnow() - grace
-            with self.db.read() as s:
-                plan = self._gc_plan(s, keep, cutoff)
-            if dry_run or not (plan.variants or plan.blobs or plan.stray):
-                return plan
-            with self.db.write() as s:
-                plan = self._gc_plan(s, keep, cutoff)  # again, under the write lock
-                repo.delete_variants(s, plan.variants)
-                repo.delete_blob_rows(s, [sha for sha, _ in plan.blobs])
-                repo.record_event(s, "collected", actor, **_gc_summary(plan))
-            _crashpoint("gc:after-commit")
-            # Records first, files after: a crash here leaves unrecorded files, the next gc's strays.
-            for sha, _ in (*plan.blobs, *plan.stray):
-                self.store.remove(sha)
-            return GcPlan(plan.variants, plan.blobs, plan.stray, executed=True)
+        """Plan (and unless `dry_run`, carry out) a collection; see lorad.upkeep.gc."""
+        from lorad import upkeep
 
-    def _gc_plan(self, s: Session, keep: _KeepRule, cutoff: datetime) -> GcPlan:
-        doomed: list[int] = []
-        for row in repo.all_loras(s):
-            protected = {row.active_variant_id, row.original_variant_id}
-            reduced = [v for v in repo.variants_of(s, row.id) if v.kind == "reduced"]
-            reduced.sort(key=lambda v: (v.created_at, v.id), reverse=True)
-            doomed += [
-                v.id
-                for v in reduced[keep.count(row.policy) :]
-                if v.id not in protected and v.created_at < cutoff
-            ]
-        still_used = repo.blobs_of_variants(s, excluding=doomed) | repo.live_job_blobs(s)
-        recorded = repo.all_blobs(s)
-        blobs = tuple(
-            (b.sha256, b.bytes) for b in recorded if b.sha256 not in still_used and b.created_at < cutoff
-        )
-        known = {b.sha256 for b in recorded}
-        stray = tuple(
-            (sha, size)
-            for sha in self.store.blobs()
-            if sha not in known | still_used and (size := self._old_size(sha, cutoff)) is not None
-        )
-        return GcPlan(tuple(doomed), blobs, stray)
-
-    def _old_size(self, sha256: str, cutoff: datetime) -> int | None:
-        try:
-            st = self.store.path_of(sha256).stat()
-        except FileNotFoundError:
-            return None
-        return st.st_size if st.st_mtime < cutoff.timestamp() else None
+        return upkeep.gc(self, dry_run, keep_variants, grace, actor, keep_by_policy)
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -609,16 +449,13 @@ class Library:
             raise StoreError(f"{lora.path}: has no variant {variant_id}")
         return variant
 
-    def _read_complete(self, path: Path) -> Header:
-        if not path.is_file():
-            raise StoreError(f"{path}: not a regular file")
-        return read_header(path)
-
     @contextmanager
     def _failure_recorded(self, op: str, actor: str, subject: object) -> Iterator[None]:
         """Record a refused or failed operation in the audit trail, then let the error through."""
         try:
             yield
+        except DatabaseUnavailable:
+            raise  # recording it would wait on the same lock, and fail the same way
         except LoradError as e:
             self._record_failure(op, actor, subject, e)
             raise
@@ -632,35 +469,5 @@ class Library:
                         lora_id = self._find_lora(s, subject).id
                 repo.record_event(s, "failed", actor, lora_id, op=op, subject=str(subject), error=str(error))
         except Exception as e:  # the audit trail must not hide the error being reported
-            log.warning("could not record a failure", op=op, error=str(e))
+            log.warning("could not record a failure", op=op, error=shown(str(e)))
 
-
-def _unchanged_token(path: Path, before: FileStamp | None) -> str | None:
-    """The stamp taken before hashing, if the file still has it (else it moved while hashed)."""
-    return before.token if before is not None and FileStamp.of_path(path) == before else None
-
-
-def _gc_summary(plan: GcPlan) -> dict[str, Any]:
-    return {
-        "variants": list(plan.variants),
-        "blobs": [sha for sha, _ in plan.blobs],
-        "stray": [sha for sha, _ in plan.stray],
-        "bytes_freed": plan.bytes_freed,
-    }
-
-
-def _verify_summary(report: VerifyReport) -> dict[str, Any]:
-    return {
-        "blobs_checked": report.blobs_checked,
-        "corrupt": list(report.corrupt),
-        "missing": list(report.missing),
-        "repaired": list(report.repaired),
-        "stray": list(report.stray),
-        "reconciled": [
-            {"lora": r.lora_id, "from": r.from_variant, "to": r.to_variant, "new_original": r.new_original}
-            for r in report.reconciled
-        ],
-        "missing_files": [str(p) for p in report.missing_files],
-        "unsettled": [str(p) for p in report.unsettled],
-        "temp_removed": [str(p) for p in report.temp_removed],
-    }

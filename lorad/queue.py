@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 
+from lorad import errors
 from lorad.db.models import Job, utcnow
 from lorad.db.session import Database
 
@@ -34,8 +35,12 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     DONE: frozenset(),
     FAILED: frozenset({PENDING}),
 }
-# Errors that come out the same however often the job runs: not retried by the timer.
+# Errors that come out the same however often the job runs: not retried by the timer. lorad's own
+# error classes are judged by their place in lorad.errors (a FormatError subclass is permanent, a
+# TransientError never is, even one that is also a ReduceError, like a full disk's
+# OutputWriteError); these names cover the rest.
 PERMANENT_ERRORS = ("FormatError", "ReduceError", "PolicyMissing")
+_KNOWN_ERRORS = {c.__name__: c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Exception)}
 BACKOFF_BASE = 5.0
 BACKOFF_CAP = 600.0
 
@@ -50,7 +55,14 @@ def error_text(error: BaseException) -> str:
 
 
 def is_permanent(error: str | None) -> bool:
-    return bool(error) and error.split(":", 1)[0] in PERMANENT_ERRORS  # type: ignore[union-attr]
+    """Whether a job's recorded error (`error_text`) will recur however often the job runs."""
+    if not error:
+        return False
+    name = error.split(":", 1)[0]
+    known = _KNOWN_ERRORS.get(name)
+    if known is not None:
+        return issubclass(known, (errors.FormatError, errors.ReduceError)) and not issubclass(known, errors.TransientError)
+    return name in PERMANENT_ERRORS
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from lorad.db import repo
-from lorad.db.models import Blob, Event, Lora, Variant
+from lorad.db.models import Blob, Event, Lora, Refusal, Variant
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,18 @@ class VariantView:
 
 
 @dataclass(frozen=True)
+class RefusalView:
+    """A watched path lorad will not take as it is (lorad.refusals), and since when."""
+
+    path: Path
+    cause: str
+    reason: str
+    first_seen: datetime
+    last_seen: datetime
+    lora_id: int | None = None  # the LoRA recorded at this path, when there is one
+
+
+@dataclass(frozen=True)
 class LoraView:
     id: int
     path: Path
@@ -42,6 +54,7 @@ class LoraView:
     active_variant_id: int | None
     original_variant_id: int | None
     variants: tuple[VariantView, ...]
+    refused: RefusalView | None = None  # its file, as it is now, cannot be read (a FIFO...)
 
     def variant(self, variant_id: int | None) -> VariantView | None:
         return next((v for v in self.variants if v.id == variant_id), None)
@@ -85,6 +98,7 @@ class VerifyReport:
     reconciled: tuple[Reconciled, ...] = ()
     missing_files: tuple[Path, ...] = ()  # watched paths that are gone (never recreated)
     unsettled: tuple[Path, ...] = ()  # watched files not (yet) complete safetensors
+    refused: tuple[tuple[Path, str], ...] = ()  # (path, reason): no regular file, or unreadable
     temp_removed: tuple[Path, ...] = ()
 
     @property
@@ -129,6 +143,7 @@ def lora_view(s: Session, lora: Lora) -> LoraView:
     for v in repo.variants_of(s, lora.id):
         blob = s.get(Blob, v.blob_sha256)
         variants.append(variant_view(v, blob.bytes if blob else 0))
+    refusal = repo.refusal_at(s, lora.path)
     return LoraView(
         id=lora.id,
         path=Path(lora.path),
@@ -137,7 +152,15 @@ def lora_view(s: Session, lora: Lora) -> LoraView:
         active_variant_id=lora.active_variant_id,
         original_variant_id=lora.original_variant_id,
         variants=tuple(variants),
+        refused=refusal_view(s, refusal, lora.id) if refusal is not None else None,
     )
+
+
+def refusal_view(s: Session, r: Refusal, lora_id: int | None = None) -> RefusalView:
+    if lora_id is None:
+        lora = repo.lora_by_path(s, r.path)
+        lora_id = lora.id if lora is not None else None
+    return RefusalView(Path(r.path), r.cause, r.reason, r.first_seen, r.last_seen, lora_id)
 
 
 def event_view(e: Event) -> EventView:

@@ -31,7 +31,7 @@ from typing import BinaryIO, Literal
 
 from lorad._atomic import fsync_dir, temp_name
 from lorad._fileio import open_regular
-from lorad.errors import StoreError
+from lorad.errors import StoreError, TransientError
 
 LinkMode = Literal["reflink-or-copy", "reflink", "copy", "hardlink"]
 LINK_MODES: tuple[str, ...] = ("reflink-or-copy", "reflink", "copy", "hardlink")
@@ -56,6 +56,18 @@ class CorruptBlob(StoreError):
 
 class TargetChanged(StoreError):
     """The watched file changed while lorad was preparing to replace it."""
+
+
+class NoRoom(StoreError, TransientError):
+    """A write ran out of room (disk full, quota, file size limit); nothing was changed."""
+
+
+# Errors of a write that may succeed once room is made: the request was fine.
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _refusal(e: OSError, message: str) -> StoreError:
+    return NoRoom(message) if e.errno in _NO_ROOM else StoreError(message)
 
 
 @dataclass(frozen=True)
@@ -145,11 +157,18 @@ def _try_reflink(src_fd: int, dst_fd: int) -> bool:
 
 
 class Store:
-    def __init__(self, root: Path, link_mode: LinkMode = "reflink-or-copy") -> None:
+    def __init__(
+        self, root: Path, link_mode: LinkMode = "reflink-or-copy", blob_mode: int = 0o400, gid: int | None = None
+    ) -> None:
+        """blob_mode/gid: what each stored blob gets (lorad.state_dir.Modes). Hardlink mode shares
+        a blob's inode with the watched file, whose readers (any user's LoRA loader) need it
+        world-readable, so blobs stay 0444 there."""
         if link_mode not in LINK_MODES:
             raise StoreError(f"unknown link mode {link_mode!r}; choose one of {', '.join(LINK_MODES)}")
         self.root = Path(root).resolve()
         self.link_mode = link_mode
+        self.blob_mode = 0o444 if link_mode == "hardlink" else blob_mode
+        self.gid = gid
         self.objects = self.root / "objects" / "sha256"
         self.tmp = self.root / "tmp"
         self.bad = self.root / "bad"
@@ -200,7 +219,10 @@ class Store:
         try:
             with os.fdopen(fd, "wb", buffering=0) as out:
                 info = self._copy_in(src, out.fileno(), data_offset)
-            os.chmod(tmp, 0o444)
+                if self.gid is not None:
+                    with contextlib.suppress(PermissionError):
+                        os.fchown(out.fileno(), -1, self.gid)
+                os.fchmod(out.fileno(), self.blob_mode)
             if expect_sha256 is not None and info.sha256 != expect_sha256:
                 raise StoreError(
                     f"{src}: hashes to {info.sha256[:12]}, expected {expect_sha256[:12]}; not stored"
@@ -208,13 +230,15 @@ class Store:
             self._place(tmp, info.sha256)
             return info
         except OSError as e:
-            raise StoreError(f"cannot store {src}: {_why(e)}; nothing was stored") from e
+            raise _refusal(e, f"cannot store {src}: {_why(e)}; nothing was stored") from e
         finally:
             _remove_quietly(tmp)
 
     def _copy_in(self, src: Path, out_fd: int, data_offset: int | None) -> BlobInfo:
         hasher = _Hasher(data_offset)
-        with open(src, "rb") as f:
+        # open_regular: the file may have been swapped for a FIFO since it was looked at, and a
+        # plain open() would block on it for good, holding the library's lock.
+        with open_regular(src) as f:
             before = FileStamp.of(os.fstat(f.fileno()))
             _copy_hashing(f, out_fd, hasher)
             os.fsync(out_fd)
@@ -278,7 +302,7 @@ class Store:
             _crashpoint("materialize:after-dir-fsync")
         except OSError as e:
             _remove_quietly(tmp)
-            raise StoreError(f"cannot write {target}: {_why(e)}; the file was left as it was") from e
+            raise _refusal(e, f"cannot write {target}: {_why(e)}; the file was left as it was") from e
         except BaseException:
             _remove_quietly(tmp)
             raise

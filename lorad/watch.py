@@ -6,7 +6,15 @@ A candidate `.safetensors` file is handed on (`on_settled`) only when all of the
   - its (size, mtime_ns, inode) stayed unchanged for `settle_seconds`;
   - no `.part`/`.crdownload`/`.aria2`/`.incomplete`/`.tmp` sibling exists (downloaders that
     preallocate the full size make a stable size prove nothing);
-  - its safetensors header parses and the data length matches the file size.
+  - it is a regular file (stat first: a FIFO, socket, device or directory is never opened), inside
+    the watched folders once symlinks are followed, readable, and its safetensors header parses
+    with the data length matching the file size.
+A file that fails one of the last rules is refused (lorad.refusals): its cause is logged once per
+path and cause and handed to `on_refused` (the daemon records it for `lorad list`), and it is
+left alone until its (size, mtime, inode) change or a reconcile scan looks again: a rescan
+re-examines every file, refused ones included (a chmod changes none of the three).
+Taking a file in (`on_settled`) may fail for a while (the database is locked, the disk is full:
+a TransientError): the file is tried again with backoff, not dropped until the next scan.
 A reconcile scan runs at start, after an inotify overflow, when an observer thread died, and on
 request (the schedule, `lorad rescan`). Folders on network filesystems are polled. The caller's
 `ignore(path, signature)` keeps lorad from reacting to its own writes.
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +33,7 @@ from pathlib import Path
 
 from watchdog.events import (
     DirCreatedEvent,
+    DirDeletedEvent,
     DirMovedEvent,
     FileClosedEvent,
     FileCreatedEvent,
@@ -38,8 +48,10 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from lorad.config import WatchDir
-from lorad.formats.safetensors_file import is_complete
+from lorad.errors import LoradError, TransientError
 from lorad.log import get_logger
+from lorad.pathtext import shown
+from lorad.refusals import FAILED, INCOMPLETE, Refusal, examine, refusal_of
 
 LORA_SUFFIX = ".safetensors"
 PARTIAL_SUFFIXES = (".part", ".crdownload", ".aria2", ".incomplete", ".tmp")
@@ -47,6 +59,8 @@ PARTIAL_SUFFIXES = (".part", ".crdownload", ".aria2", ".incomplete", ".tmp")
 NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "afs",
                         "lustre", "gpfs", "beegfs", "sshfs", "davfs", "virtiofs"})  # fmt: skip
 _WATCHDOG_OVERFLOW_LOGGER = "watchdog.observers.inotify_c"
+RETRY_BASE = 1.0  # seconds before the first retry of a file whose taking-in failed transiently
+RETRY_CAP = 60.0
 
 log = get_logger("lorad.watch")
 
@@ -106,15 +120,16 @@ def should_poll(watch: WatchDir, fstype: str | None) -> bool:
 
 
 def scan_folder(watch: WatchDir) -> Iterator[Path]:
-    """Every candidate file under a watched folder (recursively when configured)."""
+    """Every candidate name under a watched folder (recursively when configured), whatever it is:
+    a FIFO or a directory named *.safetensors is yielded too, to be refused with its reason."""
     if not watch.path.is_dir():
         return
     if not watch.recursive:
-        yield from sorted(p for p in watch.path.iterdir() if is_candidate(p) and p.is_file())
+        yield from sorted(p for p in watch.path.iterdir() if is_candidate(p))
         return
     for root, dirs, files in os.walk(watch.path):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
+        for name in sorted(files + [d for d in dirs if d.endswith(LORA_SUFFIX)]):
             path = Path(root) / name
             if is_candidate(path):
                 yield path
@@ -129,31 +144,57 @@ class _Candidate:
     seen: Signature | None
     quiet_since: float  # monotonic time of the last change we noticed
     confirmed: bool  # a close-write / moved-to event, a poll or a scan saw it
+    not_before: float = 0.0  # a retry after a transient failure waits until then
+    hints: int = 0  # bumped by every hint: a verdict reached meanwhile is stale
+
+
+@dataclass(frozen=True)
+class Refused:
+    path: Path
+    signature: Signature
+    refusal: Refusal
 
 
 class Settler:
-    def __init__(self, settle_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+    """Candidates in, settled paths (`due`) and refusals (`take_refused`) out.
+
+    The lock guards the bookkeeping only: files are examined outside it, so a slow or hostile
+    file never stalls a hint, `pending()` or `lorad status`.
+    """
+
+    def __init__(
+        self,
+        settle_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+        examine: Callable[[Path], Refusal | None] = examine,
+    ) -> None:
         self.settle_seconds = settle_seconds
         self._clock = clock
+        self._examine = examine
         self._candidates: dict[Path, _Candidate] = {}
-        self._rejected: dict[Path, Signature] = {}  # incomplete or invalid as last seen
+        self._rejected: dict[Path, Signature] = {}  # refused as last seen
+        self._refused: list[Refused] = []
         self._lock = threading.Lock()
 
-    def hint(self, path: Path, confirmed: bool) -> None:
-        """An event or scan saw `path`; any hint restarts its quiet period."""
+    def hint(self, path: Path, confirmed: bool, recheck: bool = False) -> None:
+        """An event or scan saw `path`; any hint restarts its quiet period. A file refused as it
+        is now is left alone, unless `recheck` (a reconcile scan) asks to look at it again."""
         if not is_candidate(path):
             return
+        sig = signature(path)
         with self._lock:
             now = self._clock()
             current = self._candidates.get(path)
-            sig = signature(path)
             if current is None:
-                if sig is not None and self._rejected.get(path) == sig:
-                    return  # judged incomplete as it is now; wait for it to change
+                if recheck:
+                    self._rejected.pop(path, None)
+                elif sig is not None and self._rejected.get(path) == sig:
+                    return  # refused as it is now; wait for it to change
                 self._candidates[path] = _Candidate(sig, now, confirmed)
                 return
             current.seen, current.quiet_since = sig, now
             current.confirmed = current.confirmed or confirmed
+            current.hints += 1
 
     def forget(self, path: Path) -> None:
         with self._lock:
@@ -164,39 +205,81 @@ class Settler:
         with self._lock:
             return sorted(self._candidates)
 
+    def reject(self, path: Path, sig: Signature, refusal: Refusal) -> None:
+        """Refuse a file that was handed on and could not be taken in (left alone until it
+        changes or a reconcile scan rechecks it)."""
+        with self._lock:
+            self._candidates.pop(path, None)
+            self._rejected[path] = sig
+            self._refused.append(Refused(path, sig, refusal))
+
+    def retry_later(self, path: Path, sig: Signature, delay: float) -> None:
+        """Hand `path` on again once `delay` seconds have passed (and it is still settled)."""
+        with self._lock:
+            if path in self._candidates:
+                return  # hinted again meanwhile: it settles anew
+            now = self._clock()
+            self._candidates[path] = _Candidate(sig, now, True, not_before=now + delay)
+
+    def take_refused(self) -> list[Refused]:
+        """The refusals since the last call."""
+        with self._lock:
+            refused, self._refused = self._refused, []
+        return refused
+
     def due(self) -> list[tuple[Path, Signature]]:
         """The candidates that settled since the last call, each with the signature it settled at."""
+        ready = self._quiet()
+        verdicts = [(path, sig, hints, self._judge(path, sig)) for path, sig, hints in ready]
         settled: list[tuple[Path, Signature]] = []
         with self._lock:
             now = self._clock()
-            for path, cand in list(self._candidates.items()):
-                verdict = self._verdict(path, cand, now)
+            for path, sig, hints, verdict in verdicts:
+                cand = self._candidates.get(path)
+                if cand is None or cand.hints != hints:
+                    continue  # forgotten or hinted again while being judged: judged later
                 if verdict == "wait":
+                    cand.quiet_since = now
                     continue
                 del self._candidates[path]
-                if verdict == "settled" and cand.seen is not None:
+                if verdict is None:
                     self._rejected.pop(path, None)
-                    settled.append((path, cand.seen))
-                elif verdict == "rejected" and cand.seen is not None:
-                    self._rejected[path] = cand.seen
+                    settled.append((path, sig))
+                elif isinstance(verdict, Refusal):
+                    self._rejected[path] = sig
+                    self._refused.append(Refused(path, sig, verdict))
         return settled
 
-    def _verdict(self, path: Path, cand: _Candidate, now: float) -> str:
-        sig = signature(path)
-        if sig is None:
-            return "gone"
-        if sig != cand.seen:
-            cand.seen, cand.quiet_since = sig, now
-            return "wait"
-        if not cand.confirmed or now - cand.quiet_since < self.settle_seconds:
-            return "wait"
+    def _quiet(self) -> list[tuple[Path, Signature, int]]:
+        """Candidates whose quiet period is over (stat only, under the lock)."""
+        ready = []
+        with self._lock:
+            now = self._clock()
+            for path, cand in list(self._candidates.items()):
+                sig = signature(path)
+                if sig is None:
+                    del self._candidates[path]  # gone
+                    continue
+                if sig != cand.seen:
+                    cand.seen, cand.quiet_since = sig, now
+                    continue
+                if cand.confirmed and now - cand.quiet_since >= self.settle_seconds and now >= cand.not_before:
+                    ready.append((path, sig, cand.hints))
+        return ready
+
+    def _judge(self, path: Path, sig: Signature) -> Refusal | str | None:
+        """None: settled; "wait": look again a settle period later; "gone"; or a Refusal."""
         if partial_siblings(path):
-            cand.quiet_since = now  # look again a settle period later
             return "wait"
-        if not is_complete(path):
-            log.info("not a complete safetensors file; waiting for it to change", path=str(path))
-            return "rejected"
-        return "settled"
+        try:
+            refusal = self._examine(path)
+        except FileNotFoundError:
+            return "gone"
+        except OSError as e:
+            refusal = refusal_of(e, path)
+        if signature(path) != sig:
+            return "wait"  # it changed while being read: settle again
+        return refusal
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,27 +297,39 @@ class _Handler(FileSystemEventHandler):
         try:
             self._route(event)
         except Exception:  # noqa: BLE001 - an exception here would silently stop watching
-            log.exception("watch event handler failed", src_path=str(event.src_path))
+            log.exception("watch event handler failed", src_path=shown(os.fsdecode(event.src_path)))
 
     def _route(self, event: FileSystemEvent) -> None:
-        settler = self._watcher.settler
+        watcher, settler = self._watcher, self._watcher.settler
         src = Path(os.fsdecode(event.src_path))
         if isinstance(event, FileClosedEvent):
             settler.hint(src, confirmed=True)
         elif isinstance(event, FileMovedEvent):
             # Full events: a move in from outside has no source, a move out has no destination.
             if event.src_path:
-                settler.forget(src)
+                watcher.forget(src)
             if event.dest_path:
                 settler.hint(Path(os.fsdecode(event.dest_path)), confirmed=True)
-        elif isinstance(event, (FileCreatedEvent, FileModifiedEvent)):
+        elif isinstance(event, FileCreatedEvent):
+            # "Created" means writing has started, for a plain file. A symlink, FIFO, socket or
+            # device never gets the close-write that would confirm it: it is all there is.
+            settler.hint(src, confirmed=self._polling or not _plain_file(src))
+        elif isinstance(event, FileModifiedEvent):
             settler.hint(src, confirmed=self._polling)
-        elif isinstance(event, FileDeletedEvent):
-            settler.forget(src)
+        elif isinstance(event, (FileDeletedEvent, DirDeletedEvent)):
+            watcher.forget(src)
         elif isinstance(event, (DirCreatedEvent, DirMovedEvent)):
             # Files can land in a new folder before its watch exists (watchdog#990): scan it.
             folder = Path(os.fsdecode(getattr(event, "dest_path", "") or event.src_path))
-            self._watcher.scan_path(folder)
+            settler.hint(folder, confirmed=True)  # a folder named *.safetensors: refused, said once
+            watcher.scan_path(folder)
+
+
+def _plain_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return True  # gone already: nothing to confirm
 
 
 class _OverflowSignal(logging.Handler):
@@ -270,13 +365,26 @@ class Watcher:
         on_settled: Callable[[Path, WatchDir, Signature], None],
         ignore: Callable[[Path, Signature], bool] = lambda _p, _s: False,
         for_path: Callable[[Path], WatchDir | None] | None = None,
+        on_refused: Callable[[Path, Refusal], None] = lambda _p, _r: None,
+        on_scanned: Callable[[set[Path]], None] = lambda _paths: None,
     ) -> None:
+        """on_refused: a file is refused (once per path and cause); on_scanned: a reconcile scan
+        found exactly these candidate paths (refusals of any other path are stale)."""
         self.dirs = tuple(dirs)
-        self.settler = Settler(settle_seconds)
+        roots = tuple(Path(os.path.realpath(w.path)) for w in self.dirs)
+        self.settler = Settler(settle_seconds, examine=lambda p: examine(p, roots))
         self.poll_seconds = poll_seconds
         self._on_settled = on_settled
+        self._on_refused = on_refused
+        self._on_scanned = on_scanned
         self._ignore = ignore
         self._for_path = for_path or self._deepest_dir
+        # What was last said about each path (a refusal's or a retry's cause): said once, not
+        # at every scan or retry. Only the settle thread touches these two.
+        self._said: dict[Path, tuple[str, str]] = {}
+        self._retries: dict[Path, int] = {}
+        self._refused_now: dict[Path, Refusal] = {}  # status: what is refused at the moment
+        self._refused_lock = threading.Lock()
         self._observers: list[BaseObserver] = []
         self._stop = threading.Event()
         self._reconcile = threading.Event()
@@ -311,18 +419,40 @@ class Watcher:
         log.info("reconcile scan requested", reason=reason)
         self._reconcile.set()
 
+    def forget(self, path: Path) -> None:
+        """The path was deleted or moved away."""
+        self.settler.forget(path)
+        with self._refused_lock:
+            self._refused_now.pop(path, None)
+
+    def refused(self) -> dict[Path, Refusal]:
+        """The paths refused at the moment, with why."""
+        with self._refused_lock:
+            return dict(self._refused_now)
+
     # scanning ----------------------------------------------------------------------------
 
     def scan(self) -> int:
-        """Reconcile: hint every candidate file in every watched folder; return how many."""
-        count = 0
+        """Reconcile: hint every candidate file in every watched folder, refused ones included
+        (each is examined afresh); return how many."""
+        found: set[Path] = set()
         for watch in self.dirs:
             for path in scan_folder(watch):
-                self.settler.hint(path, confirmed=True)
-                count += 1
+                self.settler.hint(path, confirmed=True, recheck=True)
+                found.add(path)
+        with self._refused_lock:
+            for path in set(self._refused_now) - found:
+                del self._refused_now[path]
+        for path in set(self._said) - found:
+            self._said.pop(path, None)
+            self._retries.pop(path, None)
+        try:
+            self._on_scanned(found)
+        except Exception as e:  # noqa: BLE001 - bookkeeping; the scan itself is done
+            log.warning("could not forget the refusals of files gone since", error=shown(str(e)))
         self.reconciles += 1
-        log.info("reconcile scan done", files=count)
-        return count
+        log.info("reconcile scan done", files=len(found))
+        return len(found)
 
     def scan_path(self, folder: Path) -> None:
         watch = self._for_path(folder / "x.safetensors")
@@ -388,6 +518,8 @@ class Watcher:
             self.scan()
         for path, sig in self.settler.due():
             self._hand_on(path, sig)
+        for refused in self.settler.take_refused():
+            self._refuse(refused.path, refused.refusal)
 
     def _hand_on(self, path: Path, sig: Signature) -> None:
         watch = self._for_path(path)
@@ -395,5 +527,44 @@ class Watcher:
             return
         try:
             self._on_settled(path, watch, sig)
-        except Exception:  # noqa: BLE001 - one bad file must not stop the others
-            log.exception("handling a settled file failed", path=str(path))
+        except TransientError as e:
+            self._retry(path, sig, e)
+        except LoradError as e:
+            if os.path.lexists(path):  # (gone meanwhile: nothing to refuse)
+                self.settler.reject(path, sig, refusal_of(e, path))
+        except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
+            refusal = Refusal(FAILED, f"{type(e).__name__}: {shown(str(e))}")
+            if self._said.get(path) != (refusal.cause, refusal.reason):
+                log.exception("handling a settled file failed", path=shown(path))
+            self.settler.reject(path, sig, refusal)
+        else:
+            self._retries.pop(path, None)
+            self._said.pop(path, None)
+            with self._refused_lock:
+                self._refused_now.pop(path, None)
+
+    def _retry(self, path: Path, sig: Signature, error: TransientError) -> None:
+        attempt = self._retries.get(path, 0) + 1
+        self._retries[path] = attempt
+        delay = min(RETRY_CAP, RETRY_BASE * 2 ** (attempt - 1))
+        self.settler.retry_later(path, sig, delay)
+        said = ("transient", shown(str(error)))
+        if self._said.get(path) != said:
+            self._said[path] = said
+            log.warning("cannot take the file in for now; trying again with backoff", path=shown(path),
+                        error=said[1], retry_in_s=delay)  # fmt: skip
+
+    def _refuse(self, path: Path, refusal: Refusal) -> None:
+        with self._refused_lock:
+            self._refused_now[path] = refusal
+        said = (refusal.cause, refusal.reason)
+        if self._said.get(path) == said:
+            return  # said already, and recorded
+        self._said[path] = said
+        self._retries.pop(path, None)
+        level = log.info if refusal.cause == INCOMPLETE else log.warning
+        level("refused", path=shown(path), cause=refusal.cause, reason=refusal.reason)
+        try:
+            self._on_refused(path, refusal)
+        except Exception as e:  # noqa: BLE001 - the refusal stands; only its record is missing
+            log.warning("could not record a refusal", path=shown(path), error=shown(str(e)))

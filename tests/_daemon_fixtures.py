@@ -131,12 +131,13 @@ class Daemon:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=lorad_env)
+    prefix: list[str] = field(default_factory=list)  # e.g. setpriv dropping capabilities
 
     def start(self, wait_ready: bool = True) -> Daemon:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lorad", "daemon", "--config", str(self.config), "--log-format", "json"],
+            [*self.prefix, sys.executable, "-m", "lorad", "daemon", "--config", str(self.config), "--log-format", "json"],
             stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=str(REPO),
         )  # fmt: skip
         log.close()

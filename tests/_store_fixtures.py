@@ -83,8 +83,10 @@ def assert_consistent(lib: Any) -> None:
     variants = {v["id"]: v for v in table(lib, "variants")}
     for blob in table(lib, "blobs"):
         assert sha256_of(lib.store.path_of(blob["sha256"])) == blob["sha256"]
+    from lorad.pathtext import from_column
+
     for lora in table(lib, "loras"):
-        path = Path(lora["path"])
+        path = Path(from_column(lora["path"]))  # raw SQL: the stored text form (lorad.pathtext)
         assert variants[lora["original_variant_id"]]["kind"] == "original"
         assert sha256_of(path) == variants[lora["active_variant_id"]]["blob_sha256"], path
         assert not (path.parent / f".{path.name}.lorad-tmp").exists()
@@ -93,15 +95,20 @@ def assert_consistent(lib: Any) -> None:
 # -- the child process ---------------------------------------------------------------------------
 
 
+# Root reads a mode-000 file anyway (CAP_DAC_OVERRIDE). A process that lacks the two DAC
+# capabilities meets file modes as any user does, while keeping root's uid for its own state.
+WITHOUT_DAC = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+
+
 def run_child(args: list[str], crash_at: str | None = None, fsize_limit: int | None = None,
-              timeout: float = 60) -> subprocess.CompletedProcess[str]:  # fmt: skip
+              timeout: float = 60, prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "LORAD_TEST_CRASH_AT"}
     if crash_at:
         env["LORAD_TEST_CRASH_AT"] = crash_at
     if fsize_limit is not None:
         env["LORAD_TEST_FSIZE"] = str(fsize_limit)
     return subprocess.run(
-        [sys.executable, "-m", "tests._store_fixtures", *args],
+        [*(prefix or []), sys.executable, "-m", "tests._store_fixtures", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -132,6 +139,11 @@ def _child(argv: list[str]) -> int:
             lib.revert(path, actor="test-child")
         elif op == "gc":
             lib.gc(dry_run=False, keep_variants=0, grace=__import__("datetime").timedelta(0))
+        elif op == "verify":
+            report = lib.verify(actor="test-child")
+            print(json.dumps({"ok": True, "refused": [[str(p), r] for p, r in report.refused],
+                              "unsettled": [str(p) for p in report.unsettled]}))  # fmt: skip
+            return 0
         else:
             raise SystemExit(f"unknown op {op}")
     except LoradError as e:

@@ -7,11 +7,12 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import select, text
-from sqlalchemy.exc import IntegrityError, OperationalError, StatementError
+from sqlalchemy.exc import IntegrityError, StatementError
 
 from lorad.db import migrate, repo
 from lorad.db.models import Event, Job, Lora, ModuleMetric, Variant
-from lorad.db.session import Database, default_url
+from lorad.db.session import Database, DatabaseUnavailable, default_url
+from lorad.errors import TransientError
 from lorad.report import FileInfo, ModuleReport, Report
 
 
@@ -54,9 +55,11 @@ def test_write_takes_the_write_lock_at_begin_and_reads_still_work(url, db):
     try:
         with db.write() as s:
             s.execute(text("SELECT 1"))  # nothing written yet: only BEGIN IMMEDIATE holds the lock
-            with pytest.raises(OperationalError, match="database is locked"):
+            # A lock held past busy_timeout is a transient refusal, not a crash of the caller.
+            with pytest.raises(DatabaseUnavailable, match="database is locked") as caught:
                 with other.write() as s2:
                     s2.execute(text("SELECT 1"))
+            assert isinstance(caught.value, TransientError)
             with other.read() as s3:  # WAL: readers are not blocked by the writer
                 assert s3.execute(text("SELECT count(*) FROM loras")).scalar() == 0
     finally:

@@ -3,6 +3,8 @@ verify, gc, and the bad cases (hand edits, corrupt blobs, full disks, paths outs
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 from datetime import timedelta
@@ -369,6 +371,7 @@ def test_disk_full_while_reverting_changes_nothing(tmp_path, full_disk):
     expected = "No space left on device" if mounted else "File too large"
     assert done.returncode == 3, done.stderr
     assert f"cannot write {path.resolve()}: {expected}; the file was left as it was" in done.stdout
+    assert json.loads(done.stdout)["type"] == "NoRoom"  # a TransientError: room may be made
     with Library(tmp_path / "state", [root]) as lib:
         assert sha256_of(path) == r2.blob_sha256 and not temp_name(path).exists()
         assert lib.lora(path).active_variant_id == r2.id
@@ -397,6 +400,7 @@ def test_disk_full_while_storing_an_original_stores_nothing(tmp_path, full_disk)
     expected = "No space left on device" if mounted else "File too large"
     assert done.returncode == 3, done.stderr
     assert f"cannot store {path.resolve()}: {expected}; nothing was stored" in done.stdout
+    assert json.loads(done.stdout)["type"] == "NoRoom"
     with Library(state, [root], database_url=url) as lib:
         assert path.read_bytes() == before
         assert list(lib.store.blobs()) == [] and lib.store.temp_files() == []
@@ -457,3 +461,176 @@ def test_gc_keeps_blobs_a_pending_job_will_read(tmp_path, lib):
         s.query(Job).update({"state": "done"})
     assert lib.gc(dry_run=False, grace=timedelta(0)).blobs == ((info.sha256, info.bytes),)
     assert not lib.store.has(info.sha256)
+
+
+# -- what is not a regular file, or cannot be read, at a LoRA's path ------------------------------
+
+
+def _within(seconds: float, call, *args):  # type: ignore[no-untyped-def]
+    """Run `call` in a thread; fail (instead of hanging the suite) if it blocks past `seconds`."""
+    import threading
+
+    out: list = []
+
+    def run() -> None:
+        try:
+            out.append(("ok", call(*args)))
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out.append(("err", e))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"{getattr(call, '__name__', call)} blocked for {seconds}s")
+    kind, value = out[0]
+    if kind == "err":
+        raise value
+    return value
+
+
+def test_a_fifo_at_a_loras_path_is_refused_with_its_reason_never_waited_on(tmp_path, root, lib):
+    path = make_lora(root / "style.safetensors")
+    lib.ingest(path)
+    r4, _ = _reduce(lib, path, 4, tmp_path / "work")
+    lib.activate(path, r4.id)
+    path.unlink()
+    os.mkfifo(path)
+    try:
+        report = _within(30, lib.verify)
+        assert report.refused == ((path.resolve(), "a FIFO (named pipe), not a regular file; lorad never opens those"),)
+        assert report.unsettled == () and report.ok
+        for op, args in (("revert", (path,)), ("switch", (path, r4.id)), ("activate", (path, r4.id))):
+            with pytest.raises(StoreError, match="a FIFO \\(named pipe\\), not a regular file.*left as it is"):
+                _within(30, getattr(lib, op), *args)
+        with pytest.raises(FormatError, match="a FIFO"):
+            _within(30, lib.ingest, path)
+        [refused] = lib.refusals()
+        assert (refused.path, refused.cause, refused.lora_id) == (path.resolve(), "not-regular", lib.lora(path).id)
+        assert lib.lora(path).refused == refused
+        assert lib.lora(path).active_variant_id == r4.id  # the records still say what lorad last put there
+    finally:
+        path.unlink()
+    lib.store.materialize(r4.blob_sha256, path)  # the file is back as lorad left it
+    lib.ingest(path)
+    assert lib.refusals() == [] and lib.lora(path).refused is None
+
+
+def test_store_ingest_of_a_fifo_refuses_at_once(tmp_path):
+    from lorad.errors import NotRegularFileError
+    from lorad.store import Store
+
+    store = Store(tmp_path / "state")
+    fifo = tmp_path / "swapped.safetensors"  # looked at as a file, swapped for a FIFO since
+    os.mkfifo(fifo)
+    try:
+        with pytest.raises(NotRegularFileError, match="a FIFO"):
+            _within(30, store.ingest, fifo)
+    finally:  # let a reader stuck in open() go, had the test failed that way
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert store.temp_files() == [] and list(store.blobs()) == []
+
+
+def test_verify_names_an_unreadable_watched_file_instead_of_failing(tmp_path, root, lib):
+    """A daemon without CAP_DAC_OVERRIDE meets a mode-000 file at a LoRA's path."""
+    from tests._store_fixtures import WITHOUT_DAC
+
+    path = make_lora(root / "style.safetensors")
+    lib.ingest(path)
+    _checkpoint(lib)
+    os.chmod(path, 0)
+    done = run_child(["verify", str(tmp_path / "state"), str(root), str(path)], prefix=WITHOUT_DAC)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout)
+    assert result["refused"] == [[str(path.resolve()),
+                                  "permission denied: lorad's user cannot read it (fix its mode or owner, then `lorad rescan`)"]]  # fmt: skip
+    [refused] = lib.refusals()
+    assert refused.cause == "unreadable"
+    os.chmod(path, 0o644)
+    lib.verify()
+    assert lib.refusals() == []
+
+
+# -- file names that are not UTF-8 -----------------------------------------------------------------
+
+
+def test_a_file_name_that_is_not_utf8_is_recorded_and_addressed_by_its_exact_bytes(tmp_path, root, lib):
+    from sqlalchemy import text
+
+    raw = os.fsencode(root.resolve()) + b"/caf\xe9 \\x41.safetensors"  # latin-1, and a literal \x41
+    path = Path(os.fsdecode(raw))
+    make_lora(path)
+    original = sha256_of(path)
+    view = lib.ingest(path)
+    assert os.fsencode(view.path) == raw
+    r4, _ = _reduce(lib, path, 4, tmp_path / "work")
+    lib.activate(path, r4.id)
+    assert sha256_of(path) == r4.blob_sha256
+    lib.revert(Path(os.fsdecode(raw)))
+    assert sha256_of(path) == original
+    lib.switch(path, r4.id)
+    with lib.db.engine.connect() as conn:  # stored as valid UTF-8 text, by the documented scheme
+        [stored] = conn.execute(text("SELECT path FROM loras")).scalars()
+    assert stored == "bytes:" + str(root.resolve()) + r"/caf\xe9 \\x41.safetensors"
+    with Library(tmp_path / "state", [root]) as again:  # and read back as the same bytes
+        [lora] = again.loras()
+        assert os.fsencode(lora.path) == raw and lora.active_variant_id == r4.id
+    assert_consistent(lib)
+    assert [os.fsencode(p) for p in root.iterdir()] == [raw]  # no second file under another name
+
+
+# -- refusals and a database someone else holds ----------------------------------------------------
+
+
+def test_refusals_are_recorded_once_per_path_forgotten_when_taken_or_gone(root, lib):
+    from lorad.refusals import Refusal
+
+    cut = root / "cut.safetensors"
+    cut.write_bytes(make_lora(root / "tmp.safetensors").read_bytes()[:-8])
+    (root / "tmp.safetensors").unlink()
+    pickle = root / "old.safetensors"
+    pickle.write_bytes(b"\x80\x04\x95" + b"\0" * 32)
+    lib.record_refusal(cut, Refusal("incomplete", "truncated"))
+    lib.record_refusal(pickle, Refusal("pickle", "a pickle"))
+    first = lib.refusal(pickle)
+    lib.record_refusal(pickle, Refusal("pickle", "a pickle"))  # said again: nothing changes
+    assert lib.refusal(pickle) == first
+    assert [(r.path, r.cause, r.lora_id) for r in lib.refusals()] == [(cut, "incomplete", None), (pickle, "pickle", None)]
+    make_lora(cut)  # completed
+    lib.ingest(cut)
+    assert [r.path for r in lib.refusals()] == [pickle]
+    pickle.unlink()
+    assert lib.refusals() == []  # a path gone is not shown...
+    assert len(table(lib, "refusals")) == 1
+    lib.prune_refusals([cut])  # ...and the next scan forgets it
+    assert table(lib, "refusals") == []
+
+
+def test_a_database_locked_by_another_process_is_a_transient_refusal(tmp_path, root):
+    import sys
+    import time
+
+    from lorad.db.session import DatabaseUnavailable
+    from lorad.errors import TransientError
+
+    path = make_lora(root / "style.safetensors")
+    with Library(tmp_path / "state", [root]) as lib:  # waits BUSY_TIMEOUT_MS (10 s) for a lock
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import sqlite3, sys\n"
+             "c = sqlite3.connect(sys.argv[1], isolation_level=None); c.execute('BEGIN IMMEDIATE')\n"
+             "print('locked', flush=True); sys.stdin.readline()", str(tmp_path / "state" / "lorad.db")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert holder.stdout.readline() == "locked\n"
+            started = time.monotonic()
+            with pytest.raises(DatabaseUnavailable, match="database is locked") as caught:
+                lib.ingest(path)
+            # One wait for the lock, not a second one to record the failure in the same database.
+            assert isinstance(caught.value, TransientError) and time.monotonic() - started < 18
+        finally:
+            holder.communicate("\n", timeout=10)
+        assert table(lib, "loras") == [] and table(lib, "events") == []
+        lib.ingest(path)  # once the lock is gone
+        assert_consistent(lib)

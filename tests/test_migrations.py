@@ -12,7 +12,7 @@ from lorad.db import migrate
 from lorad.db.models import Base
 from lorad.db.session import make_engine
 
-TABLES = {"loras", "blobs", "variants", "module_metrics", "jobs", "events"}
+TABLES = {"loras", "blobs", "variants", "module_metrics", "jobs", "events", "refusals"}
 
 
 def _tables(path) -> set[str]:
@@ -42,7 +42,7 @@ def test_upgrade_from_empty_then_downgrade_to_base(tmp_path):
     url = f"sqlite:///{db}"
     assert migrate.current(url) is None
     assert migrate.upgrade(url) is None  # nothing to back up: the database was empty
-    assert migrate.current(url) == migrate.head() == "0002"
+    assert migrate.current(url) == migrate.head() == "0003"
     assert _tables(db) == TABLES
     migrate.downgrade(url, "base")
     assert migrate.current(url) is None
@@ -80,8 +80,8 @@ def test_upgrade_backs_up_the_database_before_a_pending_migration(tmp_path):
             "VALUES ('/loras/a.safetensors', '/loras', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
         )
     backup = migrate.upgrade(url)
-    assert migrate.current(url) == "0002"
-    assert backup is not None and backup.parent == tmp_path and "0001-to-0002" in backup.name
+    assert migrate.current(url) == "0003"
+    assert backup is not None and backup.parent == tmp_path and "0001-to-0003" in backup.name
     with sqlite3.connect(backup) as conn:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
         assert conn.execute("SELECT path FROM loras").fetchall() == [("/loras/a.safetensors",)]
@@ -107,10 +107,10 @@ def test_cli_db_current_and_upgrade(tmp_path, capsys):
 
     code, out, err = _lorad(capsys, "db", "upgrade", "--state-dir", str(state))
     assert code == 0, err
-    assert out == f"sqlite:///{state / 'lorad.db'}: upgraded empty -> 0002"
-    assert _lorad(capsys, "db", "current", "--state-dir", str(state))[1] == "0002 (head)"
+    assert out == f"sqlite:///{state / 'lorad.db'}: upgraded empty -> {migrate.head()}"
+    assert _lorad(capsys, "db", "current", "--state-dir", str(state))[1] == f"{migrate.head()} (head)"
     code, out, _ = _lorad(capsys, "db", "upgrade", "--database", f"sqlite:///{state / 'lorad.db'}")
-    assert out.endswith("already at head 0002")
+    assert out.endswith(f"already at head {migrate.head()}")
     assert _tables(state / "lorad.db") == TABLES
 
 

@@ -142,6 +142,19 @@ def test_permanent_errors_fail_at_once_and_are_not_retried_by_the_timer(queue: Q
     assert not created and job.id == bad.id and job.state == PENDING and job.error is None
 
 
+def test_an_errors_class_decides_whether_it_is_permanent() -> None:
+    from lorad.db.session import DatabaseUnavailable
+    from lorad.errors import NotRegularFileError, OutputWriteError, ReduceError
+
+    # A full disk while writing the output is a ReduceError too, yet it passes: retried.
+    assert not is_permanent(error_text(OutputWriteError("out.safetensors: No space left on device")))
+    assert not is_permanent(error_text(DatabaseUnavailable("database is locked")))
+    # Subclasses of the permanent kinds are permanent though their names are not listed.
+    assert is_permanent(error_text(NotRegularFileError("x.safetensors: a FIFO (named pipe)")))
+    assert is_permanent(error_text(ReduceError("budget unreachable")))
+    assert is_permanent("PolicyMissing: policy 'gone' is no longer in the config")
+
+
 def test_release_gives_the_job_back_without_spending_an_attempt(queue: Queue) -> None:
     job, _ = queue.enqueue(sha(1), None, "p", "h")
     queue.claim("w")

@@ -26,7 +26,7 @@ def test_ingest_lays_out_a_read_only_blob_named_by_its_sha256(tmp_path, lora):
     blob = tmp_path / "state" / "objects" / "sha256" / expected[:2] / expected
     assert store.path_of(expected) == blob
     assert blob.read_bytes() == lora.read_bytes()
-    assert stat.S_IMODE(blob.stat().st_mode) == 0o444
+    assert stat.S_IMODE(blob.stat().st_mode) == 0o400  # private: the state is no one else's to read
     assert list(store.blobs()) == [expected]
     assert store.temp_files() == []  # the temp copy was renamed, not left behind
 

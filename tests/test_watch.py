@@ -306,3 +306,174 @@ def test_a_dead_observer_is_restarted_and_reconciled(folder: Path) -> None:
         assert watcher.observers_alive()
     finally:
         watcher.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Files that are not LoRAs, or not yet takeable: refused with a reason, once, never opened
+
+
+class RefusalLog:
+    """What the watcher reported as refused, in order."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[Path, str, str]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, path: Path, refusal) -> None:  # type: ignore[no-untyped-def]
+        with self._lock:
+            self.seen.append((path, refusal.cause, refusal.reason))
+
+    def causes(self) -> dict[Path, str]:
+        with self._lock:
+            return {p: c for p, c, _ in self.seen}
+
+
+def watcher_with_refusals(folder: Path, on_settled=None, **kwargs):  # type: ignore[no-untyped-def]
+    collector, refused = Collector(), RefusalLog()
+    watcher = Watcher([WatchDir(path=folder)], SETTLE, 0.1, on_settled or collector, on_refused=refused, **kwargs)
+    watcher.start()
+    wait_for(lambda: watcher.reconciles >= 1, 10, what="the start reconcile")
+    return watcher, collector, refused
+
+
+def test_settler_refuses_a_fifo_by_its_mode_without_opening_it(folder: Path) -> None:
+    clock = FakeClock()
+    settler = Settler(1.0, clock)
+    fifo = folder / "pipe.safetensors"
+    os.mkfifo(fifo)
+    settler.hint(fifo, confirmed=True)
+    clock.now += 2
+    done = []
+    judge = threading.Thread(target=lambda: done.append(settler.due()), daemon=True)
+    judge.start()
+    judge.join(10)
+    if judge.is_alive():  # blocked in open(): let it go before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("judging a FIFO blocked")
+    assert done == [[]]
+    [refused] = settler.take_refused()
+    assert refused.path == fifo and refused.refusal.cause == "not-regular"
+    assert "a FIFO (named pipe), not a regular file" in refused.refusal.reason
+    assert settler.pending() == [] and settler.take_refused() == []
+
+
+def test_non_files_and_non_loras_are_refused_once_each_with_their_cause(folder: Path, tmp_path: Path) -> None:
+    import socket
+    import zipfile
+
+    fifo = folder / "deep" / "er" / "pipe.safetensors"
+    fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo)  # there before the start reconcile, as in the report
+    watcher, got, refused = watcher_with_refusals(folder)
+    try:
+        (folder / "dir.safetensors").mkdir()
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(folder / "sock.safetensors"))
+        (folder / "model.safetensors").write_bytes(b"\x80\x04\x95" + b"\0" * 64)  # a pickle
+        with zipfile.ZipFile(folder / "ckpt.safetensors", "w") as z:  # torch.save's container
+            z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+        (folder / "cut.safetensors").write_bytes(lora_bytes()[:-10])
+        outside = make_lora(tmp_path / "elsewhere" / "real.safetensors")
+        (folder / "link.safetensors").symlink_to(outside)
+        good = make_lora(folder / "good.safetensors")  # dropped after all of those: still taken
+        want = {fifo: "not-regular", folder / "dir.safetensors": "not-regular",
+                folder / "sock.safetensors": "not-regular", folder / "model.safetensors": "pickle",
+                folder / "ckpt.safetensors": "pickle", folder / "cut.safetensors": "incomplete",
+                folder / "link.safetensors": "outside"}  # fmt: skip
+        wait_for(lambda: refused.causes() == want, 15, what=f"refusals {want}, got {refused.causes()}")
+        wait_for(lambda: got.paths() == [good], 10, what="the good file")
+        reasons = {p: r for p, _, r in refused.seen}
+        assert "FIFO" in reasons[fifo] and "directory" in reasons[folder / "dir.safetensors"]
+        assert "socket" in reasons[folder / "sock.safetensors"]
+        assert "never unpickles" in reasons[folder / "ckpt.safetensors"]
+        assert str(outside) in reasons[folder / "link.safetensors"]
+        assert set(watcher.refused()) == set(want)
+        # Rescans look at every one again, and say nothing new: one report per path and cause.
+        for _ in range(2):
+            before = watcher.reconciles
+            watcher.request_reconcile("test")
+            wait_for(lambda: watcher.reconciles > before, 10, what="a rescan")
+        time.sleep(SETTLE * 4)
+        assert len(refused.seen) == len(want)
+        assert set(got.paths()) == {good}  # (a scan hands settled files on again; the daemon ignores its own)
+        sock.close()
+    finally:
+        watcher.stop()
+
+
+def test_a_rescan_reexamines_a_refused_file_whose_stamp_did_not_change(folder: Path) -> None:
+    """A chmod, or bytes rewritten in place with the old mtime, changes none of (size, mtime,
+    inode): only a rescan that looks at refused files again can take such a file."""
+    data = lora_bytes(seed=2)
+    path = folder / "fixed.safetensors"
+    path.write_bytes(b"\0" * len(data))  # refused: not a safetensors file
+    watcher, got = start_watcher(folder)
+    try:
+        time.sleep(SETTLE * 4)  # judged and refused by now
+        assert got.paths() == [] and watcher.settler.pending() == []
+        before = os.stat(path)
+        with open(path, "r+b") as f:  # same inode, same size
+            f.write(data)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert signature(path) == Signature(before.st_size, before.st_mtime_ns, before.st_ino)
+        time.sleep(SETTLE * 3)
+        assert got.paths() == []  # the events alone do not revive it...
+        watcher.request_reconcile("lorad rescan")
+        wait_for(lambda: got.paths() == [path], 10, what="the file, after the rescan")  # ...a rescan does
+    finally:
+        watcher.stop()
+
+
+def test_a_transient_failure_is_retried_with_backoff_not_dropped(folder: Path, tmp_path: Path) -> None:
+    """Taking a file in writes to a real SQLite file that another process holds locked: the file
+    is taken once the lock is gone, without waiting for a scan, and the failure is logged once."""
+    import subprocess
+    import sys
+
+    from lorad.db import migrate, repo
+    from lorad.db.session import Database
+    from lorad.log import captured
+
+    url = f"sqlite:///{tmp_path / 'lorad.db'}"
+    migrate.upgrade(url)
+    db = Database(url, busy_timeout_ms=200)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sqlite3, sys, time\n"
+         "c = sqlite3.connect(sys.argv[1], isolation_level=None); c.execute('BEGIN IMMEDIATE')\n"
+         "print('locked', flush=True); time.sleep(float(sys.argv[2]))",
+         str(tmp_path / "lorad.db"), "3"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    taken: list[Path] = []
+
+    def on_settled(path: Path, watch: WatchDir, sig: Signature) -> None:
+        with db.write() as s:
+            repo.record_event(s, "ingested", "test", path=str(path))
+        taken.append(path)
+
+    with captured() as logs:
+        watcher = Watcher([WatchDir(path=folder)], SETTLE, 0.1, on_settled)
+        watcher.start()
+        try:
+            path = make_lora(folder / "a.safetensors")
+            wait_for(lambda: taken == [path], 30, what="the file, taken once the lock was released")
+            assert holder.wait(10) == 0
+        finally:
+            watcher.stop()
+            db.close()
+    retries = [e for e in logs if e["event"].startswith("cannot take the file in for now")]
+    assert len(retries) == 1 and "database is locked" in retries[0]["error"]
+    assert not any(e["log_level"] == "error" for e in logs)
+
+
+def test_a_file_name_that_is_not_utf8_is_handed_on(folder: Path) -> None:
+    # A guard: the watcher always did this; the library records such names (test_library).
+    watcher, got = start_watcher(folder)
+    try:
+        raw = os.fsencode(folder) + b"/caf\xe9.safetensors"
+        with open(raw, "wb") as f:
+            f.write(lora_bytes(seed=5))
+        wait_for(lambda: [os.fsencode(p) for p in got.paths()] == [raw], 10, what="the non-UTF-8 name")
+    finally:
+        watcher.stop()

@@ -6,8 +6,10 @@ checkout or `pip install -e .`). `LORAD_MIGRATIONS` points elsewhere when they a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
+import stat
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -78,6 +80,16 @@ def _backup_sqlite(url: str, at: str, target: str) -> Path | None:
         return None
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     backup = path.with_name(f"{path.name}.{at}-to-{target}.{stamp}.bak")
+    # The copy holds what the database holds: it gets the database's mode (and group) from its
+    # first byte, never the umask's wider default.
+    st = os.stat(path)
+    fd = os.open(backup, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, stat.S_IMODE(st.st_mode) & 0o660)
+        with contextlib.suppress(PermissionError):
+            os.fchown(fd, -1, st.st_gid)
+    finally:
+        os.close(fd)
     # The backup API copies a consistent snapshot even with WAL frames not yet checkpointed.
     src = sqlite3.connect(path)
     try:

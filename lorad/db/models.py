@@ -10,6 +10,7 @@ these models and the migrated schema agree.
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +31,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from lorad.pathtext import from_column, to_column
 
 # Deterministic constraint names, so migrations can refer to them and autogenerate compares them.
 NAMING = {
@@ -80,6 +83,20 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+class PathText(TypeDecorator[str]):
+    """A file path as `os.fsdecode` text in Python, stored as valid UTF-8 text (lorad.pathtext):
+    a name that is not UTF-8 is recorded and comes back as the exact same bytes."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else to_column(os.fspath(value))
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else from_column(value)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
@@ -90,8 +107,8 @@ class Lora(Base):
     __tablename__ = "loras"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    path: Mapped[str] = mapped_column(Text, unique=True)  # absolute, resolved
-    folder: Mapped[str] = mapped_column(Text)  # the watched root it lies in
+    path: Mapped[str] = mapped_column(PathText, unique=True)  # absolute, resolved
+    folder: Mapped[str] = mapped_column(PathText)  # the watched root it lies in
     policy: Mapped[str | None] = mapped_column(Text)
     # Circular with variants.lora_id, so created after both tables exist (use_alter).
     original_variant_id: Mapped[int | None] = mapped_column(
@@ -218,3 +235,20 @@ class Event(Base):
     kind: Mapped[str] = mapped_column(String(32))
     actor: Mapped[str] = mapped_column(Text)  # "cli:uid=1000", "daemon", "verify", ...
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Refusal(Base):
+    """A watched path lorad will not take as it is, and why (one row per path, the latest cause).
+
+    Kept until the file is taken in, or is gone at a reconcile scan; `lorad list` shows it.
+    """
+
+    __tablename__ = "refusals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(PathText, unique=True)  # absolute, as found (not resolved)
+    cause: Mapped[str] = mapped_column(String(32))  # lorad.refusals.CAUSES
+    reason: Mapped[str] = mapped_column(Text)
+    file_stamp: Mapped[str | None] = mapped_column(Text)  # FileStamp.token of what was refused
+    first_seen: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

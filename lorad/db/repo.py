@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from lorad.db.models import Blob, Event, Job, Lora, ModuleMetric, Variant, utcnow
+from lorad.db.models import Blob, Event, Job, Lora, ModuleMetric, Refusal, Variant, utcnow
 from lorad.report import Report
 
 
@@ -203,6 +203,52 @@ def delete_blob_rows(s: Session, sha256s: Iterable[str]) -> None:
     for blob in s.scalars(select(Blob).where(Blob.sha256.in_(list(sha256s)))).all():
         s.delete(blob)
     s.flush()
+
+
+# -- refusals --------------------------------------------------------------------------------------
+
+
+def refusal_at(s: Session, path: str) -> Refusal | None:
+    return s.scalar(select(Refusal).where(Refusal.path == path))
+
+
+def all_refusals(s: Session) -> Sequence[Refusal]:
+    return s.scalars(select(Refusal).order_by(Refusal.path)).all()
+
+
+def record_refusal(s: Session, path: str, cause: str, reason: str, stamp: str | None) -> Refusal:
+    """One row per path: a new cause or reason replaces the old one (first_seen is kept when the
+    cause stays the same)."""
+    now = utcnow()
+    row = refusal_at(s, path)
+    if row is None:
+        row = Refusal(path=path, cause=cause, reason=reason, file_stamp=stamp, first_seen=now, last_seen=now)
+        s.add(row)
+    else:
+        if row.cause != cause:
+            row.first_seen = now
+        row.cause, row.reason, row.file_stamp, row.last_seen = cause, reason, stamp, now
+    s.flush()
+    return row
+
+
+def clear_refusal(s: Session, path: str) -> bool:
+    row = refusal_at(s, path)
+    if row is None:
+        return False
+    s.delete(row)
+    s.flush()
+    return True
+
+
+def prune_refusals(s: Session, keep: Iterable[str]) -> list[str]:
+    """Forget the refusals of every path not in `keep` (the paths a full scan still found)."""
+    kept = set(keep)
+    gone = [r for r in s.scalars(select(Refusal)).all() if r.path not in kept]
+    for row in gone:
+        s.delete(row)
+    s.flush()
+    return [r.path for r in gone]
 
 
 # -- events ----------------------------------------------------------------------------------------

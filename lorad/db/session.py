@@ -5,6 +5,10 @@ then WAL, foreign keys and synchronous=NORMAL. pysqlite's own transaction handli
 and lorad emits BEGIN itself, so a write transaction takes the write lock up front (BEGIN
 IMMEDIATE): a deferred read that later upgrades to a write gets SQLITE_BUSY without waiting.
 Other databases (PostgreSQL) get ordinary transactions.
+
+A database that stays locked past busy_timeout (another process holds the write lock) or that has
+no room left is no fault of the work at hand: both come out as `DatabaseUnavailable`, a
+TransientError, so callers retry later instead of giving up on the file or the job.
 """
 
 from __future__ import annotations
@@ -15,11 +19,29 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+from lorad.errors import StoreError, TransientError
 
 BUSY_TIMEOUT_MS = 10_000
 _BEGIN_OPTION = "lorad_begin"
 DB_FILENAME = "lorad.db"
+
+
+# What SQLite and PostgreSQL say when the same statement may succeed later (lock held, disk full).
+_TRANSIENT_MESSAGES = ("database is locked", "database table is locked", "database or disk is full",
+                       "could not obtain lock", "lock timeout", "no space left on device")  # fmt: skip
+
+
+class DatabaseUnavailable(StoreError, TransientError):
+    """The database is locked by someone else, or full: the same request may succeed later."""
+
+
+def _raise_transient(error: OperationalError) -> None:
+    text = str(error.orig or error)
+    if any(m in text.lower() for m in _TRANSIENT_MESSAGES):
+        raise DatabaseUnavailable(f"the database is unavailable for now ({text}); try again later") from error
 
 
 def default_url(state_dir: Path) -> str:
@@ -78,15 +100,23 @@ class Database:
     @contextmanager
     def write(self) -> Iterator[Session]:
         """A write transaction (BEGIN IMMEDIATE on SQLite): commits on exit, rolls back on error."""
-        with self._writer() as session, session.begin():
-            yield session
+        try:
+            with self._writer() as session, session.begin():
+                yield session
+        except OperationalError as e:
+            _raise_transient(e)
+            raise
 
     @contextmanager
     def read(self) -> Iterator[Session]:
         """A read transaction. Closing it releases the connection (rolling back anything written)
         and keeps the loaded objects readable, detached."""
-        with self._reader() as session:
-            yield session
+        try:
+            with self._reader() as session:
+                yield session
+        except OperationalError as e:
+            _raise_transient(e)
+            raise
 
     def close(self) -> None:
         self.engine.dispose()

@@ -1,0 +1,251 @@
+"""The library's maintenance passes: verify (re-hash, repair, reconcile) and gc (plan, collect).
+
+Both run under the library's lock and use its building blocks (reconcile, quarantine, the store
+and the records); the Library's `verify` and `gc` methods call them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from sqlalchemy.orm import Session
+
+from lorad._atomic import temp_name
+from lorad.db import repo
+from lorad.db.models import Blob, Lora, utcnow
+from lorad.errors import LoradError, StoreError
+from lorad.pathtext import shown
+from lorad.records import GcPlan, Reconciled, VerifyReport
+from lorad.store import _crashpoint
+
+if TYPE_CHECKING:
+    from lorad.library import Library
+
+log = structlog.get_logger()
+
+
+# -- verify ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _VerifyTally:
+    corrupt: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    reconciled: list[Reconciled] = field(default_factory=list)
+    missing_files: list[Path] = field(default_factory=list)
+    unsettled: list[Path] = field(default_factory=list)
+    refused: list[tuple[Path, str]] = field(default_factory=list)
+    temp_removed: list[Path] = field(default_factory=list)
+
+
+def verify(lib: Library, actor: str = "verify", stale_after: timedelta = timedelta(minutes=15)) -> VerifyReport:
+    """Re-hash every blob and every watched file; quarantine corrupt blobs, repair them from a
+    watched file with the same bytes, bring the records to what each watched file holds, and
+    remove lorad's own temp files older than `stale_after`. A watched path that is no regular
+    file (a FIFO...) or cannot be read is reported with its reason, never opened or waited on."""
+    with lib.lock:
+        tally = _VerifyTally()
+        checked = _verify_blobs(lib, tally, actor)
+        with lib.db.read() as s:
+            lora_ids = [row.id for row in repo.all_loras(s)]
+        for lora_id in lora_ids:
+            _verify_lora(lib, lora_id, tally, actor, stale_after)
+        tally.temp_removed.extend(_remove_stale(lib.store.temp_files(), stale_after))
+        with lib.db.read() as s:
+            recorded = {b.sha256 for b in repo.all_blobs(s)}
+        stray = tuple(sha for sha in lib.store.blobs() if sha not in recorded)
+        report = VerifyReport(
+            blobs_checked=checked,
+            corrupt=tuple(tally.corrupt),
+            missing=tuple(tally.missing),
+            repaired=tuple(tally.repaired),
+            stray=stray,
+            reconciled=tuple(tally.reconciled),
+            missing_files=tuple(tally.missing_files),
+            unsettled=tuple(tally.unsettled),
+            refused=tuple(tally.refused),
+            temp_removed=tuple(tally.temp_removed),
+        )
+        with lib.db.write() as s:
+            repo.record_event(s, "verified", actor, **_verify_summary(report))
+        return report
+
+
+def _verify_blobs(lib: Library, tally: _VerifyTally, actor: str) -> int:
+    with lib.db.read() as s:
+        shas = [b.sha256 for b in repo.all_blobs(s)]
+    good = []
+    for sha in shas:
+        if lib.store.is_intact(sha):
+            good.append(sha)
+        elif lib.store.has(sha):
+            lib.quarantine(sha, actor)
+            tally.corrupt.append(sha)
+        else:
+            tally.missing.append(sha)
+    with lib.db.write() as s:
+        now = utcnow()
+        for sha in good:
+            blob = s.get(Blob, sha)
+            if blob is not None:
+                blob.verified_at = now
+    return len(shas)
+
+
+def _verify_lora(lib: Library, lora_id: int, tally: _VerifyTally, actor: str, stale_after: timedelta) -> None:
+    with lib.db.read() as s:
+        row = s.get(Lora, lora_id)
+        assert row is not None
+        path = Path(row.path)
+    tally.temp_removed.extend(_remove_stale([temp_name(path)], stale_after))
+    try:
+        state = lib.reconcile(lora_id, actor)
+    except LoradError as e:
+        log.warning("verify could not reconcile", path=shown(path), error=shown(str(e)))
+        tally.unsettled.append(path)
+        return
+    if state.kind == "gone":
+        tally.missing_files.append(path)
+    elif state.kind == "unsettled":
+        tally.unsettled.append(path)
+    elif state.kind == "refused":
+        assert state.refusal is not None
+        tally.refused.append((path, state.refusal.reason))
+    elif state.kind in ("reconciled", "new-original"):
+        assert state.variant_id is not None
+        tally.reconciled.append(
+            Reconciled(lora_id, path, state.previous, state.variant_id, state.kind == "new-original")
+        )
+    lost = (set(tally.corrupt) | set(tally.missing)) - set(tally.repaired)
+    if state.sha256 in lost:
+        _repair_from(lib, path, state.sha256, tally)
+
+
+def _repair_from(lib: Library, path: Path, sha256: str, tally: _VerifyTally) -> None:
+    """A watched file with a lost blob's bytes gives the store its copy back."""
+    try:
+        lib.store.ingest(path, expect_sha256=sha256)
+    except LoradError as e:
+        log.warning("repair failed", path=shown(path), error=shown(str(e)))
+        return
+    tally.repaired.append(sha256)
+
+
+def _remove_stale(paths: Sequence[Path], stale_after: timedelta) -> list[Path]:
+    removed = []
+    cutoff = utcnow().timestamp() - stale_after.total_seconds()
+    for p in paths:
+        try:
+            if p.stat().st_mtime <= cutoff:
+                p.unlink()
+                removed.append(p)
+        except FileNotFoundError:
+            continue
+    return removed
+
+
+def _verify_summary(report: VerifyReport) -> dict[str, Any]:
+    return {
+        "blobs_checked": report.blobs_checked,
+        "corrupt": list(report.corrupt),
+        "missing": list(report.missing),
+        "repaired": list(report.repaired),
+        "stray": list(report.stray),
+        "reconciled": [
+            {"lora": r.lora_id, "from": r.from_variant, "to": r.to_variant, "new_original": r.new_original}
+            for r in report.reconciled
+        ],
+        "missing_files": [shown(p) for p in report.missing_files],
+        "unsettled": [shown(p) for p in report.unsettled],
+        "refused": [{"path": shown(p), "reason": reason} for p, reason in report.refused],
+        "temp_removed": [shown(p) for p in report.temp_removed],
+    }
+
+
+# -- gc --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _KeepRule:
+    default: int
+    by_policy: dict[str, int]
+
+    def count(self, policy: str | None) -> int:
+        return self.by_policy.get(policy, self.default) if policy is not None else self.default
+
+
+def gc(
+    lib: Library,
+    dry_run: bool = True,
+    keep_variants: int = 2,
+    grace: timedelta = timedelta(hours=1),
+    actor: str = "gc",
+    keep_by_policy: Mapping[str, int] | None = None,
+) -> GcPlan:
+    """Plan (and unless `dry_run`, carry out) removing reduced variants beyond the newest
+    `keep_variants` per LoRA (`keep_by_policy[lora.policy]` where given) and store blobs nothing
+    refers to, all older than `grace`. Originals, active variants and their blobs are never
+    collected."""
+    keep = _KeepRule(keep_variants, dict(keep_by_policy or {}))
+    if min((keep_variants, *keep.by_policy.values())) < 0:
+        raise StoreError("keep_variants must be >= 0")
+    with lib.lock:
+        cutoff = utcnow() - grace
+        with lib.db.read() as s:
+            plan = _gc_plan(lib, s, keep, cutoff)
+        if dry_run or not (plan.variants or plan.blobs or plan.stray):
+            return plan
+        with lib.db.write() as s:
+            plan = _gc_plan(lib, s, keep, cutoff)  # again, under the write lock
+            repo.delete_variants(s, plan.variants)
+            repo.delete_blob_rows(s, [sha for sha, _ in plan.blobs])
+            repo.record_event(s, "collected", actor, **_gc_summary(plan))
+        _crashpoint("gc:after-commit")
+        # Records first, files after: a crash here leaves unrecorded files, the next gc's strays.
+        for sha, _ in (*plan.blobs, *plan.stray):
+            lib.store.remove(sha)
+        return GcPlan(plan.variants, plan.blobs, plan.stray, executed=True)
+
+
+def _gc_plan(lib: Library, s: Session, keep: _KeepRule, cutoff: datetime) -> GcPlan:
+    doomed: list[int] = []
+    for row in repo.all_loras(s):
+        protected = {row.active_variant_id, row.original_variant_id}
+        reduced = [v for v in repo.variants_of(s, row.id) if v.kind == "reduced"]
+        reduced.sort(key=lambda v: (v.created_at, v.id), reverse=True)
+        doomed += [
+            v.id for v in reduced[keep.count(row.policy) :] if v.id not in protected and v.created_at < cutoff
+        ]
+    still_used = repo.blobs_of_variants(s, excluding=doomed) | repo.live_job_blobs(s)
+    recorded = repo.all_blobs(s)
+    blobs = tuple((b.sha256, b.bytes) for b in recorded if b.sha256 not in still_used and b.created_at < cutoff)
+    known = {b.sha256 for b in recorded}
+    stray = tuple(
+        (sha, size)
+        for sha in lib.store.blobs()
+        if sha not in known | still_used and (size := _old_size(lib, sha, cutoff)) is not None
+    )
+    return GcPlan(tuple(doomed), blobs, stray)
+
+
+def _old_size(lib: Library, sha256: str, cutoff: datetime) -> int | None:
+    try:
+        st = lib.store.path_of(sha256).stat()
+    except FileNotFoundError:
+        return None
+    return st.st_size if st.st_mtime < cutoff.timestamp() else None
+
+
+def _gc_summary(plan: GcPlan) -> dict[str, Any]:
+    return {
+        "variants": list(plan.variants),
+        "blobs": [sha for sha, _ in plan.blobs],
+        "stray": [sha for sha, _ in plan.stray],
+        "bytes_freed": plan.bytes_freed,
+    }
