@@ -53,10 +53,14 @@ def upgrade_command(args: argparse.Namespace) -> int:
     from lorad.db import migrate
     from lorad.db.session import sqlite_path
 
+    from lorad.state_dir import Modes, secure_dir, secure_sqlite
+
     url = database_url(args)
     path = sqlite_path(url)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.exists():  # a folder we create is private; a user's own one is left alone
+            secure_dir(path.parent, Modes())
+        secure_sqlite(path, Modes())  # created 0600 before SQLite opens it (its -wal/-shm follow)
     before = _guarded(url, migrate.current)
     if before == migrate.head():
         print(f"{_shown(url)}: already at head {before}")

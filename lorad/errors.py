@@ -27,3 +27,11 @@ class OutputWriteError(ReduceError, TransientError):
 
 class NotRegularFileError(FormatError):
     """A path that is a FIFO, socket, device or directory where a file was expected."""
+
+
+class PickleError(FormatError):
+    """A pickle-based checkpoint (.ckpt/.pt): lorad never unpickles."""
+
+
+class IncompleteError(FormatError):
+    """A safetensors file whose data is shorter than its header says: still being written?"""

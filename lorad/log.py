@@ -58,11 +58,11 @@ def _stdout_is_journal(env: Mapping[str, str], stdout: TextIO) -> bool:
 
 def _journal_json(_logger: Any, _name: str, event_dict: EventDict) -> str:
     priority = _PRIORITY.get(str(event_dict.get("level", "info")), 6)
-    return f"<{priority}>" + json.dumps(event_dict, default=str, ensure_ascii=False)
+    return f"<{priority}>" + json.dumps(event_dict, default=str, ensure_ascii=True)
 
 
 def _json(_logger: Any, _name: str, event_dict: EventDict) -> str:
-    return json.dumps(event_dict, default=str, ensure_ascii=False)
+    return json.dumps(event_dict, default=str, ensure_ascii=True)
 
 
 def _renderer(fmt: str) -> Processor:
@@ -74,6 +74,10 @@ def _renderer(fmt: str) -> Processor:
 def configure(requested: str = "auto", level: str = "info", stream: TextIO | None = None) -> str:
     """Route structlog and stdlib logging to `stream` (stdout); return the format chosen."""
     stream = stream or sys.stdout
+    if hasattr(stream, "reconfigure"):
+        # a file name that is not UTF-8 reaches log lines as lone surrogates: print them escaped
+        # rather than lose the line to a UnicodeEncodeError
+        stream.reconfigure(errors="backslashreplace")
     fmt = choose_format(requested, os.environ, stream)
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,

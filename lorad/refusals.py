@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorad._fileio import describe_mode
-from lorad.errors import FormatError, LoradError, NotRegularFileError
+from lorad.errors import FormatError, IncompleteError, LoradError, NotRegularFileError, PickleError
 from lorad.formats.safetensors_file import read_header
 from lorad.pathtext import shown
 
@@ -69,12 +69,11 @@ def refusal_of(error: BaseException, path: Path | None = None) -> Refusal:
         return Refusal(NOT_REGULAR, reason)
     if isinstance(error.__cause__, PermissionError) or isinstance(error, PermissionError):
         return Refusal(UNREADABLE, "permission denied: lorad's user cannot read it (fix its mode or owner, then `lorad rescan`)")
+    if isinstance(error, PickleError):
+        return Refusal(PICKLE, reason)
+    if isinstance(error, IncompleteError):
+        return Refusal(INCOMPLETE, reason + "; waiting for it to change")
     if isinstance(error, FormatError):
-        # read_header names these in its message only; the words are part of its contract.
-        if "pickle" in reason:
-            return Refusal(PICKLE, reason)
-        if reason.startswith("truncated"):
-            return Refusal(INCOMPLETE, reason + "; waiting for it to change")
         return Refusal(INVALID, reason)
     if isinstance(error, LoradError):
         return Refusal(FAILED, reason)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorad._fileio import open_regular
-from lorad.errors import FormatError
+from lorad.errors import FormatError, IncompleteError, PickleError
 
 # safetensors' own reader refuses headers over 100 MB; so do we, before reading them.
 MAX_HEADER_BYTES = 100_000_000
@@ -68,7 +68,7 @@ def _looks_like_pickle(head: bytes) -> bool:
 
 
 def _pickle_error(path: Path) -> FormatError:
-    return FormatError(
+    return PickleError(
         f"{path}: this is a pickle-based checkpoint (.ckpt/.pt), which can run code when loaded;"
         " lorad never unpickles. Convert it to .safetensors with a tool you trust."
     )
@@ -103,7 +103,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
                         f"{path}: safetensors header claims {n} bytes (limit {MAX_HEADER_BYTES}); "
                         "not a safetensors file or a hostile one"
                     )
-                raise FormatError(f"{path}: truncated: header needs {8 + n} bytes, file has {size}")
+                raise IncompleteError(f"{path}: truncated: header needs {8 + n} bytes, file has {size}")
             raw = head[8:] + f.read(n - 1) if n else b""
     except FormatError:
         raise
@@ -139,7 +139,7 @@ def _parse_header(path: Path, raw: bytes, size: int) -> Header:
     data_len = size - 8 - len(raw)
     if expected != data_len:
         what = "truncated (still being written?)" if expected > data_len else "has trailing bytes"
-        raise FormatError(
+        raise (IncompleteError if expected > data_len else FormatError)(
             f"{path}: {what}: tensors need {expected} data bytes, file holds {data_len}"
         )
     return Header(path, len(raw), size, {e.name: e for e in entries}, dict(metadata))
