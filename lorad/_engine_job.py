@@ -146,6 +146,7 @@ class Job:
         self.fixed_ranks, self.progress = fixed_ranks, progress
         self.total, self.done = len(source.reducible), 0
         self.decomposer = Decomposer(source, device, notes, fake_oom)
+        self.spectra_seen: dict[str, torch.Tensor] = {}  # every module's spectrum, for the report
 
     def _tick(self) -> None:
         self.done += 1
@@ -175,6 +176,7 @@ class Job:
         """Reports from the spectra alone; `spectra` when already computed (a budget's pass 1)."""
         reports = {}
         for m, S in self.spectra() if spectra is None else ((m, spectra[m.name]) for m in self.source.reducible):
+            self.spectra_seen[m.name] = S
             k = self._rank(m, S)
             fro, tail, total = metrics.truncation(S, k)
             reports[m.name] = self._report(m, k, metrics.Quality(fro, tail / total if total else 0.0, total))
@@ -228,6 +230,7 @@ class Job:
     def _truncate(self, batch: list[Module], svd) -> Iterator[tuple]:  # type: ignore[no-untyped-def]
         S_all = svd.S.cpu()
         for g, m in enumerate(batch):
+            self.spectra_seen[m.name] = S_all[g]
             k = self._rank(m, S_all[g])
             real = min(k, S_all.shape[1])  # directions beyond these are a rule's zero padding
             Uk, Sk, Vk = (t.cpu() for t in svd.truncate(g, real))

@@ -23,9 +23,10 @@ from lorad.formats.lora import LoraSource, Module, most_common, open_lora
 from lorad.formats.safetensors_file import file_hashes
 from lorad.reduce import budget as budget_mod
 from lorad.reduce import rank_rules, select
-from lorad.report import FileInfo, ModuleReport, Report
+from lorad.report import FileInfo, ModuleReport, Report, Spectrum
 
 HEADER_SLACK = 1024  # first guess at the room new metadata takes; a miss is corrected and retried
+SPECTRA_IN_REPORT = 6
 
 
 @dataclass(frozen=True)
@@ -134,8 +135,11 @@ def _run_on(source: LoraSource, dst: Path | None, settings: ReduceSettings, prog
                           len(source.modules))  # fmt: skip
     rule = settings.rule
 
+    jobs: list[Job] = []
+
     def job(fixed_ranks: dict[str, int] | None, enc: encode.Encoding) -> Job:
-        return Job(source, settings, device, enc, fixed_ranks, progress, notes, fake_oom, rule)
+        jobs.append(Job(source, settings, device, enc, fixed_ranks, progress, notes, fake_oom, rule))
+        return jobs[-1]
 
     enc = encode.choose_encoding(source, _reference_rank(source, settings), settings.dtype)
     spectra: dict[str, budget_mod.BudgetItem] | None = None
@@ -169,7 +173,16 @@ def _run_on(source: LoraSource, dst: Path | None, settings: ReduceSettings, prog
             notes.append(_budget_note(written.bytes, settings))
     reports = _in_file_order(source, module_reports)
     return Report(input_info, output, settings.method, _param(settings), time.perf_counter() - started,
-                  str(device), reports, tuple(notes))
+                  str(device), reports, tuple(notes), _largest_spectra(jobs[-1].spectra_seen, module_reports),
+                  None if rule.is_plain else rule.describe(), rule.serve)
+
+
+def _largest_spectra(spectra: dict[str, torch.Tensor], reports: dict[str, ModuleReport],
+                     count: int = SPECTRA_IN_REPORT) -> tuple[Spectrum, ...]:
+    """The spectra of the modules with the largest updates, with where each was cut."""
+    largest = sorted(spectra, key=lambda name: -(reports[name].norm or 0.0))[:count]
+    return tuple(Spectrum(name, tuple(round(float(v), 7) for v in spectra[name]), reports[name].rank_out)
+                 for name in largest)
 
 
 def _write(source: LoraSource, outputs: dict, enc: encode.Encoding, dst: Path,

@@ -37,6 +37,15 @@ class ModuleReport:
 
 
 @dataclass(frozen=True)
+class Spectrum:
+    """A module's singular values (as its format reads it, descending) and how many were kept."""
+
+    name: str
+    values: tuple[float, ...]
+    cut: int
+
+
+@dataclass(frozen=True)
 class Report:
     input: FileInfo
     output: FileInfo | None  # None for `plan` (nothing written)
@@ -46,6 +55,9 @@ class Report:
     device: str
     modules: tuple[ModuleReport, ...] = field(default_factory=tuple)
     notes: tuple[str, ...] = ()  # file-level remarks, e.g. "budget met: 12.0 MiB <= 12.5 MiB"
+    spectra: tuple[Spectrum, ...] = ()  # of the largest modules (by norm), for reports
+    rank_rule: str | None = None  # the serving rank rule applied (lorad.reduce.rank_rules), if any
+    serve: str | None = None
 
     @property
     def reduced(self) -> tuple[ModuleReport, ...]:
@@ -97,4 +109,7 @@ class Report:
             "params_in": self.params_in,
             "params_out": self.params_out,
             "notes": list(self.notes),
+            "rank_rule": self.rank_rule,
+            "serve": self.serve,
+            "spectra": [asdict(sp) for sp in self.spectra],
         }

@@ -120,6 +120,8 @@ class Lora(Base):
     # device:inode:size:mtime_ns of the file when lorad last knew it to hold the active variant: a
     # rescan that finds the same stamp trusts it instead of re-hashing (verify always re-hashes).
     file_stamp: Mapped[str | None] = mapped_column(Text)
+    # "file": a .safetensors file; "folder": a PEFT adapter folder, whose variants are tree blobs
+    kind: Mapped[str] = mapped_column(String(16), default="file", server_default="file")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
@@ -138,8 +140,37 @@ class Blob(Base):
     autov3: Mapped[str] = mapped_column(String(12), index=True)  # Civitai AutoV3: data_sha256[:12]
     sshs_model_hash: Mapped[str | None] = mapped_column(Text)  # as the file's metadata claims it
     sshs_legacy_hash: Mapped[str | None] = mapped_column(Text)
+    blake3: Mapped[str | None] = mapped_column(String(64), index=True)  # InvokeAI's id for a model file
+    # "file": the bytes of one file; "tree": a folder, its entries listed in tree_entries
+    kind: Mapped[str] = mapped_column(String(16), default="file", server_default="file")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class TreeEntry(Base):
+    """One file of a folder blob (a PEFT adapter folder): its name in the folder and its own blob."""
+
+    __tablename__ = "tree_entries"
+
+    tree_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), primary_key=True)
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    blob_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), index=True)
+    mode: Mapped[int] = mapped_column(Integer, default=0o644, server_default="420")
+
+
+class ClaimedHash(Base):
+    """A hash that a sidecar beside a LoRA says its file has (.metadata.json, .civitai.info,
+    .cm-info.json): searchable by `lorad find`, never trusted for anything else."""
+
+    __tablename__ = "claimed_hashes"
+    __table_args__ = (UniqueConstraint("lora_id", "kind", "value", "source"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    lora_id: Mapped[int] = mapped_column(ForeignKey("loras.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # sha256 | autov1 | autov2 | autov3 | blake3 | crc32 | ...
+    value: Mapped[str] = mapped_column(Text, index=True)  # lower-case hex, as the sidecar gives it
+    source: Mapped[str] = mapped_column(Text)  # the sidecar's file name
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class Variant(Base):
@@ -170,6 +201,12 @@ class Variant(Base):
     bytes_out: Mapped[int | None] = mapped_column(BigInteger)
     seconds: Mapped[float | None] = mapped_column(Float)
     device: Mapped[str | None] = mapped_column(Text)
+    fro_retained_file: Mapped[float | None] = mapped_column(Float)  # energy-weighted over the file
+    serve: Mapped[str | None] = mapped_column(Text)  # the server whose rank rules it was made for
+    rank_rule: Mapped[str | None] = mapped_column(Text)  # the rank rule it was made under, described
+    # What a report shows beyond the per-module rows: the engine's notes and the spectra of the
+    # largest modules ({"notes": [...], "spectra": [{"name", "values", "cut"}]}).
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class ModuleMetric(Base):

@@ -7,7 +7,7 @@ lands together or not at all.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -164,6 +164,10 @@ def add_reduced(s: Session, lora: Lora, sha256: str, source: Variant, report: Re
         bytes_out=output_bytes,
         seconds=report.seconds,
         device=report.device,
+        fro_retained_file=report.fro_retained_file,
+        serve=report.serve,
+        rank_rule=report.rank_rule,
+        details={"notes": list(report.notes), "spectra": [asdict(sp) for sp in report.spectra]},
     )
     s.add(variant)
     s.flush()
