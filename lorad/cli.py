@@ -16,7 +16,7 @@ from lorad.errors import LoradError
 
 # Command groups, in the order `lorad --help` lists them. A group whose module is absent is skipped
 # so a partial install still serves the commands it has.
-_GROUPS = ("lorad._cli_reduce", "lorad._cli_daemon", "lorad._cli_client", "lorad._cli_db")
+_GROUPS = ("lorad._cli_reduce", "lorad._cli_daemon", "lorad._cli_client", "lorad._cli_report", "lorad._cli_db")
 
 
 def build_parser() -> argparse.ArgumentParser:

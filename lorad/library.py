@@ -21,27 +21,32 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import structlog
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from lorad._atomic import is_temp_name
 from lorad._fileio import check_regular
 from lorad.db import repo
-from lorad.db.models import Lora, Variant
+from lorad.db.models import Blob, Lora, Variant
 from lorad.db.session import BUSY_TIMEOUT_MS, Database, DatabaseUnavailable, default_url, sqlite_path
 from lorad.errors import LoradError, StoreError
 from lorad.formats.detect import detect_format
 from lorad.formats.keys import parse_key
 from lorad.formats.safetensors_file import Header, file_data_sha256, read_header
+from lorad.hashes import HashHit, claim_names, parse_query
 from lorad.pathtext import shown
 from lorad.reconcile import FileState, file_state, unchanged_token
 from lorad.records import (
     EventView,
+    FindResult,
     GcPlan,
+    HashMatch,
     LoraView,
     RefusalView,
     VariantView,
@@ -52,6 +57,7 @@ from lorad.records import (
     variant_view,
 )
 from lorad.refusals import Refusal
+from lorad.sidecars import read_claims
 from lorad.state_dir import Modes, secure_dir, secure_sqlite
 from lorad.report import Report
 from lorad.store import (
@@ -73,7 +79,9 @@ SwitchKind = Literal["activated", "reverted", "switched"]
 # -- plain results ---------------------------------------------------------------------------------
 
 
-def _blob_record(sha256: str, size: int, data_sha256: str | None, header: Header) -> repo.BlobRecord:
+def _blob_record(
+    sha256: str, size: int, data_sha256: str | None, header: Header, blake3: str | None = None
+) -> repo.BlobRecord:
     modules = {k.module for k in map(parse_key, header.tensors) if k and k.role not in ("alpha", "scale")}
     return repo.BlobRecord(
         sha256=sha256,
@@ -83,6 +91,7 @@ def _blob_record(sha256: str, size: int, data_sha256: str | None, header: Header
         modules=len(modules),
         sshs_model_hash=header.metadata.get("sshs_model_hash"),
         sshs_legacy_hash=header.metadata.get("sshs_legacy_hash"),
+        blake3=blake3,
     )
 
 
@@ -149,15 +158,69 @@ class Library:
             return [event_view(e) for e in repo.events(s, lora_id=lora_id, limit=limit)]
 
     def find(self, hash_text: str) -> list[LoraView]:
-        """LoRAs with a variant whose blob a hash names (sha256 or prefix, AutoV2/V3, sshs)."""
+        """The LoRAs a hash names (see find_hash), each once."""
+        return list({m.lora.id: m.lora for m in self.find_hash(hash_text).matches}.values())
+
+    def find_hash(self, hash_text: str) -> FindResult:
+        """Which LoRAs and variants a hash names (lorad.hashes): a full hash or a prefix of at least
+        8 hex digits of any variant's sha256, AutoV2, addnet/AutoV3, sshs_model_hash or BLAKE3, or
+        a hash a sidecar beside the LoRA claimed. Every match of an ambiguous prefix is returned.
+        Raises HashQueryError for text that names no hash."""
+        query = parse_query(hash_text)
         with self.db.read() as s:
-            found: dict[int, LoraView] = {}
-            for blob in repo.find_blobs(s, hash_text):
-                for v in repo.variants_with_blob(s, blob.sha256):
-                    lora = s.get(Lora, v.lora_id)
-                    if lora is not None and lora.id not in found:
-                        found[lora.id] = lora_view(s, lora)
-            return list(found.values())
+            groups: dict[tuple[int, int | None], list[HashHit]] = {}
+            for hit in repo.find_hashes(s, query):
+                if hit.claimed:
+                    lora_id = hit.lora_id
+                    assert lora_id is not None
+                    hit, variant_id = self._claimed_variant(s, lora_id, hit)
+                    groups.setdefault((lora_id, variant_id), []).append(hit)
+                    continue
+                assert hit.blob_sha256 is not None
+                for v in repo.variants_with_blob(s, hit.blob_sha256):
+                    groups.setdefault((v.lora_id, v.id), []).append(hit)
+            views: dict[int, LoraView] = {}
+            matches = []
+            order = sorted(groups, key=lambda k: (k[0], k[1] is None, k[1] or 0))  # claims after the bytes
+            for lora_id, variant_id in order:
+                if lora_id not in views:
+                    row = s.get(Lora, lora_id)
+                    assert row is not None
+                    views[lora_id] = lora_view(s, row)
+                matches.append(HashMatch(views[lora_id], variant_id, tuple(groups[lora_id, variant_id])))
+            return FindResult(query.prefix, tuple(matches), repo.blobs_without_blake3(s))
+
+    def _claimed_variant(self, s: Session, lora_id: int, hit: HashHit) -> tuple[HashHit, int | None]:
+        """The LoRA's variant whose bytes a claimed hash names, if lorad holds one."""
+        for v in repo.variants_of(s, lora_id):
+            blob = s.get(Blob, v.blob_sha256)
+            if blob is not None and claim_names(hit.kind, hit.value, blob.sha256, blob.data_sha256, blob.blake3):
+                return replace(hit, blob_sha256=blob.sha256), v.id
+        return hit, None
+
+    def refresh_claims(self, lora: LoraRef) -> int:
+        """Record the hashes that sidecars beside a LoRA's file claim (lorad.sidecars) and that are
+        not recorded yet; how many were new. Sidecars are only read; claims are kept when a sidecar
+        changes or goes (an old hash still leads to the LoRA)."""
+        with self.db.read() as s:
+            row = self._find_lora(s, lora)
+            lora_id, path = row.id, Path(row.path)
+            known = repo.claims_of(s, lora_id)
+            own = {h for v in repo.variants_of(s, lora_id) if v.kind == "original"
+                   for h in (v.blob_sha256, v.blob_sha256[:10])}  # fmt: skip
+        new = [c for c in ((c.kind, c.value, c.source) for c in read_claims(path, own)) if c not in known]
+        if not new:
+            return 0
+        with self.db.write() as s:
+            return repo.add_claims(s, lora_id, new)
+
+    def _refresh_claims_quietly(self, lora_id: int) -> None:
+        """Claims are a convenience: failing to record them never fails the ingest they follow
+        (the next ingest of the path or `verify` records them)."""
+        try:
+            self.refresh_claims(lora_id)
+        except (LoradError, SQLAlchemyError, OSError) as e:
+            log.warning("could not record sidecar hashes", lora=lora_id, error=shown(str(e)))
 
     def refusals(self) -> list[RefusalView]:
         """Watched paths lorad will not take as they are, with why; paths gone since are left out
@@ -199,6 +262,7 @@ class Library:
                 state = self.reconcile(lora_id, actor, trust_stamp=True)  # forgets a refusal of `target`
                 if state.refusal is None and os.path.abspath(path) != str(target):
                     self.clear_refusal(path)  # and of the symlink it was found under
+                self._refresh_claims_quietly(lora_id)  # a manager may have written a sidecar since
                 return self.lora(lora_id)
             stamp = FileStamp.of_path(target)
             info, record = self.store_file(target)
@@ -217,6 +281,7 @@ class Library:
                 lora_id = lora.id
             _crashpoint("ingest:after-commit")
             log.info("ingested", path=shown(target), sha256=info.sha256)
+            self._refresh_claims_quietly(lora_id)
             return self.lora(lora_id)
 
     def store_file(self, path: Path, expect_sha256: str | None = None) -> tuple[BlobInfo, repo.BlobRecord]:
@@ -228,7 +293,7 @@ class Library:
         data_sha256 = info.data_sha256
         if header.data_offset != before.data_offset:
             data_sha256 = file_data_sha256(self.store.path_of(info.sha256), header)
-        return info, _blob_record(info.sha256, info.bytes, data_sha256, header)
+        return info, _blob_record(info.sha256, info.bytes, data_sha256, header, info.blake3)
 
     def add_variant(self, lora: LoraRef, report: Report, actor: str = "library") -> VariantView:
         """Store a reduction's output file as a variant of `lora` with its metrics (not activated)."""

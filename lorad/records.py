@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from lorad.db import repo
 from lorad.db.models import Blob, Event, Lora, Refusal, Variant
+from lorad.hashes import HashHit
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,26 @@ class EventView:
     lora_id: int | None
     variant_id: int | None
     detail: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class HashMatch:
+    """A LoRA one of whose variants (or whose sidecars) has the hash a `find` asked for."""
+
+    lora: LoraView
+    variant_id: int | None  # the variant with those bytes; None: a sidecar's claim no variant matches
+    hits: tuple[HashHit, ...]  # which hashes matched, and of what kind
+
+    @property
+    def variant(self) -> VariantView | None:
+        return self.lora.variant(self.variant_id)
+
+
+@dataclass(frozen=True)
+class FindResult:
+    query: str  # the hex prefix searched for
+    matches: tuple[HashMatch, ...]
+    blake3_pending: int = 0  # stored blobs with no BLAKE3 yet (`lorad verify` computes them)
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,11 @@ Layout under the state directory:
   tmp/                      partial ingests (same filesystem, so the final rename is atomic)
   bad/                      blobs that failed a re-hash, kept for inspection (never reused)
 
-Ingest hashes while copying into tmp/, fsyncs, then renames into objects/. Materialising a blob at
-a watched path writes `.<name>.lorad-tmp` beside it (loaders list neither dot-files nor names
-without the .safetensors suffix), fsyncs, renames over the target and fsyncs the folder, so a
-reader sees the old file or the new one. The bytes are verified on the way: a corrupt blob never
+Ingest hashes while copying into tmp/ (sha256, the data section's sha256 and BLAKE3, in the one
+read), fsyncs, then renames into objects/. Materialising a blob at a watched path writes
+`.<name>.lorad-tmp` beside it (loaders list neither dot-files nor names without the .safetensors
+suffix), fsyncs, renames over the target and fsyncs the folder, so a reader sees the old file or
+the new one. The bytes are verified on the way: a corrupt blob never
 reaches a watched path. Hardlinks are opt-in only: some tools edit safetensors metadata in place,
 which would corrupt the store through a shared inode.
 """
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, Literal
+
+from blake3 import blake3
 
 from lorad._atomic import fsync_dir, temp_name
 from lorad._fileio import open_regular
@@ -75,6 +78,7 @@ class BlobInfo:
     sha256: str
     bytes: int
     data_sha256: str | None  # sha256 of the bytes after `data_offset` (safetensors data section)
+    blake3: str | None = None  # BLAKE3 of the whole file (InvokeAI's id), where it was computed
 
 
 @dataclass(frozen=True)
@@ -120,17 +124,35 @@ def hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
-class _Hasher:
-    """sha256 of a stream, plus (optionally) of everything after a byte offset, in one pass."""
+def digest_file(path: Path) -> BlobInfo:
+    """sha256 and BLAKE3 of a file in one read (verify fills in the BLAKE3 of blobs stored before
+    lorad computed it)."""
+    hasher = _Hasher(None, with_blake3=True)
+    with open_regular(path) as f:
+        while block := f.read(CHUNK):
+            hasher.update(block)
+    return hasher.info()
 
-    def __init__(self, data_offset: int | None) -> None:
+
+class _Hasher:
+    """sha256 of a stream, plus (optionally) of everything after a byte offset and the BLAKE3 of
+    the whole, in one pass: the bytes are read once whatever is asked of them."""
+
+    def __init__(self, data_offset: int | None, with_blake3: bool = False) -> None:
         self.whole = hashlib.sha256()
         self.data = hashlib.sha256() if data_offset is not None else None
+        self.blake3 = blake3() if with_blake3 else None
         self.data_offset = data_offset or 0
         self.size = 0
 
+    def info(self) -> BlobInfo:
+        return BlobInfo(self.whole.hexdigest(), self.size, self.data.hexdigest() if self.data is not None else None,
+                        self.blake3.hexdigest() if self.blake3 is not None else None)  # fmt: skip
+
     def update(self, block: bytes) -> None:
         self.whole.update(block)
+        if self.blake3 is not None:
+            self.blake3.update(block)
         if self.data is not None:
             skip = max(0, self.data_offset - self.size)
             if skip < len(block):
@@ -185,6 +207,13 @@ class Store:
     def has(self, sha256: str) -> bool:
         return self.path_of(sha256).is_file()
 
+    def digest(self, sha256: str) -> BlobInfo | None:
+        """Re-hash a blob, BLAKE3 too, in one read; None when it is not in the store."""
+        try:
+            return digest_file(self.path_of(sha256))
+        except FileNotFoundError:
+            return None
+
     def is_intact(self, sha256: str) -> bool:
         """Re-hash a blob: True when present and its bytes still hash to its name."""
         try:
@@ -235,7 +264,7 @@ class Store:
             _remove_quietly(tmp)
 
     def _copy_in(self, src: Path, out_fd: int, data_offset: int | None) -> BlobInfo:
-        hasher = _Hasher(data_offset)
+        hasher = _Hasher(data_offset, with_blake3=True)
         # open_regular: the file may have been swapped for a FIFO since it was looked at, and a
         # plain open() would block on it for good, holding the library's lock.
         with open_regular(src) as f:
@@ -245,8 +274,7 @@ class Store:
         _crashpoint("store:ingest:after-temp-write")
         if _stamp_or_none(src) != before or hasher.size != before.size:
             raise StoreError(f"{src}: changed while being stored; try again once it is settled")
-        data = hasher.data.hexdigest() if hasher.data is not None else None
-        return BlobInfo(hasher.whole.hexdigest(), hasher.size, data)
+        return hasher.info()
 
     def _place(self, tmp: Path, sha256: str) -> None:
         final = self.path_of(sha256)

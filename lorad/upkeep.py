@@ -79,10 +79,21 @@ def verify(lib: Library, actor: str = "verify", stale_after: timedelta = timedel
 
 def _verify_blobs(lib: Library, tally: _VerifyTally, actor: str) -> int:
     with lib.db.read() as s:
-        shas = [b.sha256 for b in repo.all_blobs(s)]
+        blobs = [(b.sha256, b.blake3) for b in repo.all_blobs(s)]
+    shas = [sha for sha, _ in blobs]
     good = []
-    for sha in shas:
-        if lib.store.is_intact(sha):
+    blake3s: dict[str, str] = {}
+    for sha, blake3 in blobs:
+        if blake3 is None:
+            # Stored before lorad computed BLAKE3: this re-hash reads the bytes anyway, so it
+            # gets the BLAKE3 in the same pass (then `lorad find` finds the blob by it).
+            digest = lib.store.digest(sha)
+            intact = digest is not None and digest.sha256 == sha
+            if digest is not None and intact and digest.blake3:
+                blake3s[sha] = digest.blake3
+        else:
+            intact = lib.store.is_intact(sha)
+        if intact:
             good.append(sha)
         elif lib.store.has(sha):
             lib.quarantine(sha, actor)
@@ -95,6 +106,8 @@ def _verify_blobs(lib: Library, tally: _VerifyTally, actor: str) -> int:
             blob = s.get(Blob, sha)
             if blob is not None:
                 blob.verified_at = now
+                if blob.blake3 is None and sha in blake3s:
+                    blob.blake3 = blake3s[sha]
     return len(shas)
 
 
@@ -110,6 +123,10 @@ def _verify_lora(lib: Library, lora_id: int, tally: _VerifyTally, actor: str, st
         log.warning("verify could not reconcile", path=shown(path), error=shown(str(e)))
         tally.unsettled.append(path)
         return
+    try:
+        lib.refresh_claims(lora_id)  # sidecars a manager wrote after the LoRA was ingested
+    except LoradError as e:
+        log.warning("verify could not record sidecar hashes", path=shown(path), error=shown(str(e)))
     if state.kind == "gone":
         tally.missing_files.append(path)
     elif state.kind == "unsettled":

@@ -114,7 +114,7 @@ def test_responses_decode_to_results_or_raise_their_error() -> None:
 
 def test_only_read_methods_are_open_to_everyone() -> None:
     readers = {name for name, spec in METHODS.items() if not spec.mutating}
-    assert readers == {"hello", "status", "list", "show"}
+    assert readers == {"hello", "status", "list", "show", "find", "report"}
 
 
 def test_authorizer_rules() -> None:

@@ -94,6 +94,12 @@ METHODS: dict[str, MethodSpec] = dict(
         _spec("status", False, "queue depth, the running job, device, space saved"),
         _spec("list", False, "watched LoRAs and their variants", Param("folder", str, path=True)),
         _spec("show", False, "one LoRA by path or id", Param("target", (str, int), required=True, path=True)),
+        _spec("find", False, "the LoRAs and variants a hash names (sha256 or a prefix, AutoV2, AutoV3, "
+              "sshs_model_hash, BLAKE3, or a sidecar's claim)", Param("hash", str, required=True)),
+        _spec(
+            "report", False, "the document of an HTML report: one LoRA (target) or the library (all)",
+            Param("target", (str, int), path=True), Param("all", bool, default=False),
+        ),  # fmt: skip
         _spec("revert", True, "put the original back at its path", Param("path", str, required=True, path=True)),
         _spec(
             "switch", True, "make a variant the file at its path",

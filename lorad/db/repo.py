@@ -7,14 +7,15 @@ lands together or not at all.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from lorad.db.models import Blob, Event, Job, Lora, ModuleMetric, Refusal, Variant, utcnow
+from lorad.db.models import Blob, ClaimedHash, Event, Job, Lora, ModuleMetric, Refusal, Variant, utcnow
+from lorad.hashes import HashHit, Query, blob_kind
 from lorad.report import Report
 
 
@@ -29,6 +30,7 @@ class BlobRecord:
     modules: int | None
     sshs_model_hash: str | None
     sshs_legacy_hash: str | None
+    blake3: str | None = None
 
 
 # -- loras -----------------------------------------------------------------------------------------
@@ -75,9 +77,12 @@ def ensure_blob(s: Session, record: BlobRecord) -> Blob:
             modules=record.modules,
             sshs_model_hash=record.sshs_model_hash,
             sshs_legacy_hash=record.sshs_legacy_hash,
+            blake3=record.blake3,
         )
         s.add(blob)
         s.flush()
+    elif blob.blake3 is None and record.blake3 is not None:
+        blob.blake3 = record.blake3  # recorded before lorad computed BLAKE3; the same bytes came again
     return blob
 
 
@@ -103,6 +108,54 @@ def find_blobs(s: Session, text: str) -> Sequence[Blob]:
         )
         .order_by(Blob.sha256)
     ).all()
+
+
+def find_hashes(s: Session, query: Query) -> list[HashHit]:
+    """Every recorded hash that `query.prefix` begins: the stored blobs' own (sha256, addnet,
+    sshs_model_hash, sshs_legacy_hash, BLAKE3) and the sidecars' claims, each with its kind."""
+    prefix = query.prefix
+
+    def begins(column: Any) -> Any:
+        return func.lower(column).startswith(prefix, autoescape=True)
+
+    hits: list[HashHit] = []
+    columns = (("sha256", Blob.sha256), ("addnet", Blob.data_sha256), ("sshs_model_hash", Blob.sshs_model_hash),
+               ("sshs_legacy_hash", Blob.sshs_legacy_hash), ("blake3", Blob.blake3))  # fmt: skip
+    blobs = s.scalars(select(Blob).where(or_(*(begins(c) for _, c in columns))).order_by(Blob.sha256)).all()
+    for blob in blobs:
+        for column, _ in columns:
+            value = getattr(blob, "data_sha256" if column == "addnet" else column)
+            kind = blob_kind(column, prefix)
+            if value and value.lower().startswith(prefix) and query.allows(kind):
+                hits.append(HashHit(kind, value.lower(), blob.sha256))
+    claims = s.scalars(select(ClaimedHash).where(begins(ClaimedHash.value)).order_by(ClaimedHash.id)).all()
+    for c in claims:
+        kind = blob_kind(c.kind, prefix)  # a claimed sha256 found by its first 10 digits is an AutoV2
+        if query.allows(kind):
+            hits.append(HashHit(kind, c.value, None, c.lora_id, c.source))
+    return hits
+
+
+def blobs_without_blake3(s: Session) -> int:
+    return s.scalar(select(func.count()).select_from(Blob).where(Blob.blake3.is_(None))) or 0
+
+
+# -- claimed hashes (lorad.sidecars) ----------------------------------------------------------------
+
+
+def claims_of(s: Session, lora_id: int) -> set[tuple[str, str, str]]:
+    """(kind, value, source) of every hash recorded as claimed for a LoRA."""
+    rows = s.execute(select(ClaimedHash.kind, ClaimedHash.value, ClaimedHash.source).where(ClaimedHash.lora_id == lora_id))
+    return {(k, v, src) for k, v, src in rows}
+
+
+def add_claims(s: Session, lora_id: int, claims: Iterable[tuple[str, str, str]]) -> int:
+    """Record (kind, value, source) claims not recorded yet; how many were new."""
+    known = claims_of(s, lora_id)
+    new = [c for c in dict.fromkeys(claims) if c not in known]
+    s.add_all(ClaimedHash(lora_id=lora_id, kind=k, value=v, source=src) for k, v, src in new)
+    s.flush()
+    return len(new)
 
 
 def live_job_blobs(s: Session) -> set[str]:
@@ -167,7 +220,10 @@ def add_reduced(s: Session, lora: Lora, sha256: str, source: Variant, report: Re
         fro_retained_file=report.fro_retained_file,
         serve=report.serve,
         rank_rule=report.rank_rule,
-        details={"notes": list(report.notes), "spectra": [asdict(sp) for sp in report.spectra]},
+        # A report that crossed a process boundary (the worker's reduction child) carries its
+        # spectra as plain dicts, not Spectrum objects.
+        details={"notes": list(report.notes),
+                 "spectra": [asdict(sp) if is_dataclass(sp) else dict(sp) for sp in report.spectra]},  # type: ignore[arg-type]
     )
     s.add(variant)
     s.flush()
