@@ -193,3 +193,4 @@ def cli(config: Path | None, *args: str, check: bool = True, socket: Path | None
 
 def cli_json(config: Path, *args: str) -> Any:
     return json.loads(cli(config, *args, "--json").stdout)
+

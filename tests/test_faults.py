@@ -16,23 +16,13 @@ import sys
 import time
 import zipfile
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 from tests._daemon_fixtures import Daemon, cli, cli_json, lora_bytes, make_lora, wait_for, write_config
 from tests._store_fixtures import WITHOUT_DAC
 from tests.test_daemon_e2e import active, by_path, reduced_everywhere, sha_of
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[tuple[Path, Daemon]]:
-    daemon = Daemon(write_config(tmp_path), tmp_path / "daemon.log")
-    yield tmp_path, daemon
-    if daemon.proc is not None and daemon.proc.poll() is None:
-        daemon.stop(signal.SIGKILL)
 
 
 def refused_in_list(config: Path) -> dict[str, dict[str, Any]]:

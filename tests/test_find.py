@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ from structlog.testing import capture_logs
 from lorad.hashes import HashQueryError
 from lorad.library import Library
 from lorad.sidecars import MAX_SIDECAR_BYTES
-from tests._daemon_fixtures import Daemon, cli, cli_json, wait_for, write_config
+from tests._daemon_fixtures import cli, cli_json, wait_for
 from tests._daemon_fixtures import make_lora as make_daemon_lora
 from tests._store_fixtures import civitai_hashes, make_lora, reduce_with_engine, sha256_of
 
@@ -269,14 +268,6 @@ def test_text_that_names_no_hash_is_refused(lib, query):
 
 
 # -- end to end: the daemon and the `lorad find` command ----------------------------------------
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[tuple[Path, Daemon]]:
-    daemon = Daemon(write_config(tmp_path), tmp_path / "daemon.log")
-    yield tmp_path, daemon
-    if daemon.proc is not None and daemon.proc.poll() is None:
-        daemon.stop(signal.SIGKILL)
 
 
 def test_lorad_find_end_to_end(rig):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,15 +20,7 @@ from blake3 import blake3
 
 from lorad.control.views import human_bytes
 from tests._browser import chromium, console_errors
-from tests._daemon_fixtures import Daemon, cli, cli_json, lorad_env, make_lora, wait_for, write_config
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[tuple[Path, Daemon]]:
-    daemon = Daemon(write_config(tmp_path), tmp_path / "daemon.log")
-    yield tmp_path, daemon
-    if daemon.proc is not None and daemon.proc.poll() is None:
-        daemon.stop(signal.SIGKILL)
+from tests._daemon_fixtures import cli, cli_json, lorad_env, make_lora, wait_for
 
 
 @pytest.fixture(scope="module")
