@@ -158,7 +158,8 @@ def _run_on(source: LoraSource, dst: Path | None, settings: ReduceSettings, prog
     else:
         extra = {"lorad.source_autov3": source_data_sha256[:12]}
         if not rule.is_plain:
-            extra.update({"lorad.rank_rule": rule.describe(), **({"lorad.serve": rule.serve} if rule.serve else {})})
+            extra.update({"lorad.rank_rule": rule.describe(settings.max_rank),
+                          **({"lorad.serve": rule.serve} if rule.serve else {})})
         provenance = writer.provenance_keys(input_info.sha256, settings.method, _param(settings), extra)
         for attempt in range(3):
             module_reports, outputs = job(fixed_ranks, enc).reduce()
@@ -174,7 +175,7 @@ def _run_on(source: LoraSource, dst: Path | None, settings: ReduceSettings, prog
     reports = _in_file_order(source, module_reports)
     return Report(input_info, output, settings.method, _param(settings), time.perf_counter() - started,
                   str(device), reports, tuple(notes), _largest_spectra(jobs[-1].spectra_seen, module_reports),
-                  None if rule.is_plain else rule.describe(), rule.serve)
+                  None if rule.is_plain else rule.describe(settings.max_rank), rule.serve)
 
 
 def _largest_spectra(spectra: dict[str, torch.Tensor], reports: dict[str, ModuleReport],

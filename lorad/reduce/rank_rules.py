@@ -42,11 +42,12 @@ class RankRule:
     def is_plain(self) -> bool:
         return self == RankRule()
 
-    def describe(self) -> str:
-        """One line for the variant's metadata (`lorad.rank_rule`) and records."""
+    def describe(self, max_rank: int | None = None) -> str:
+        """One line for the variant's metadata (`lorad.rank_rule`) and records. With max_rank, a
+        host reads the target_rank a file was made for from the file itself."""
         parts = []
         if self.uniform:
-            parts.append("uniform")
+            parts.append("uniform" + (f" <= {max_rank}" if max_rank is not None else ""))
         if self.allowed:
             parts.append("rank in {" + ",".join(map(str, self.allowed)) + "}")
         if self.multiple > 1:
