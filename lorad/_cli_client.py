@@ -1,5 +1,5 @@
-"""Client commands over the daemon's socket: status, list, show, revert, switch, enqueue, pause,
-resume, rescan, verify, gc. Each prints a table for people or, with --json, the reply as JSON.
+"""Client commands over the daemon's socket: status, list, show, find, revert, switch, enqueue,
+pause, resume, rescan, verify, gc. Each prints a table for people or, with --json, the reply as JSON.
 
 The socket is found from `--socket PATH`, else the `socket` key of `--config FILE`, else
 $LORAD_SOCKET, else the default path (this user's, then the system service's).
@@ -17,7 +17,7 @@ from typing import Any
 
 from lorad.config import default_socket_candidates, load_config
 from lorad.control.client import Client
-from lorad.control.protocol import ControlError
+from lorad.control.protocol import Code, ControlError
 from lorad.control.views import human_bytes, table
 
 Render = Callable[[Any], str]
@@ -48,9 +48,13 @@ def emit(args: argparse.Namespace, result: Any, render: Render) -> int:
     return 0
 
 
+BUSY_EXIT = 75  # EX_TEMPFAIL: "try again later", unlike a refusal (2)
+
+
 def _scriptable(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """With --json, an error reply is printed as JSON on stdout too (exit status 2), so scripts
-    can branch on its code; people get the one-line message on stderr either way."""
+    """With --json, an error reply is printed as JSON on stdout too (exit status 2, or BUSY_EXIT
+    when the daemon had no room for us), so scripts can branch on its code; people get the
+    one-line message on stderr either way."""
 
     def run(args: argparse.Namespace) -> int:
         try:
@@ -58,9 +62,21 @@ def _scriptable(command: Callable[[argparse.Namespace], int]) -> Callable[[argpa
         except ControlError as e:
             if args.json:
                 print(json.dumps({"error": {"code": e.code, "message": e.message}}))
-            raise
+            if e.code == Code.BUSY:
+                print("lorad: the daemon is busy (too many connections); try again", file=sys.stderr)
+                return BUSY_EXIT
+            raise ControlError(e.code, _printable(e.message)) from None
 
     return run
+
+
+def _printable(text: str) -> str:
+    """A file name's undecodable bytes (os.fsdecode's lone surrogates) as \\xHH, as `ls -b` shows
+    them, rather than as \\udcHH; any other lone surrogate as its escape."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _abs(path: str | Path) -> str:
@@ -86,12 +102,16 @@ def render_status(s: dict[str, Any]) -> str:
                      f"{job['progress']:.0%} ({job['modules_done']}/{job['modules_total']} modules, {job['seconds']:.0f}s)")  # fmt: skip
     if not s["running"]:
         lines.append("running: nothing")
+    if s.get("waiting"):
+        lines.append(f"waiting: {s['waiting']}")
     saved = s["saved_bytes"]
     share = f" ({saved / s['original_bytes']:.0%})" if s["original_bytes"] else ""
     lines.append(f"space: {s['loras']} LoRAs, originals {human_bytes(s['original_bytes'])}, "
                  f"now {human_bytes(s['active_bytes'])}, saved {human_bytes(saved)}{share}")  # fmt: skip
     for w in s["watch"]:
         lines.append(f"watching: {w['path']} (policy {w['policy']})")
+    if s.get("refused_files"):
+        lines.append(f"refused: {s['refused_files']} file(s) not taken (`lorad list` says why)")
     return "\n".join(lines)
 
 
@@ -100,16 +120,21 @@ def _active(lora: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def render_list(loras: list[dict[str, Any]]) -> str:
-    if not loras:
-        return "no LoRAs recorded yet"
     rows = []
     for x in loras:
+        if x["id"] is None:
+            continue  # a refused path: listed below
         active = _active(x)
         rows.append([
             str(x["id"]), x["path"], human_bytes(x["original_bytes"]), human_bytes(x["active_bytes"]),
             _variant_label(active) if active else "-", str(len(x["variants"])),
         ])  # fmt: skip
-    return table(rows, ["ID", "PATH", "ORIGINAL", "NOW", "ACTIVE", "VARIANTS"])
+    lines = [table(rows, ["ID", "PATH", "ORIGINAL", "NOW", "ACTIVE", "VARIANTS"]) if rows else "no LoRAs recorded yet"]
+    refused = [x for x in loras if x.get("refused")]
+    if refused:
+        lines += ["", "refused (fix the file, then `lorad rescan`):"]
+        lines += [f"  {x['path']}: {x['refused']['cause']}: {x['refused']['reason']}" for x in refused]
+    return "\n".join(lines)
 
 
 def _variant_label(v: dict[str, Any]) -> str:
@@ -129,7 +154,12 @@ def render_variants(x: dict[str, Any]) -> str:
 
 
 def render_show(x: dict[str, Any]) -> str:
+    refused = x.get("refused")
+    if x["id"] is None:
+        return f"{x['path']}: refused since {refused['since']}: {refused['cause']}: {refused['reason']}"
     lines = [f"{x['path']}  (id {x['id']}, policy {x['policy']})", "", render_variants(x)]
+    if refused:
+        lines += ["", f"its file is refused since {refused['since']}: {refused['cause']}: {refused['reason']}"]
     decisions = [e for e in x.get("events", []) if e["kind"] == "decided"]
     if decisions:
         lines.append("")
@@ -140,6 +170,43 @@ def render_show(x: dict[str, Any]) -> str:
     for j in failed:
         lines.append(f"job {j['id']} [{j['policy']}] failed: {j['error']}")
     return "\n".join(lines)
+
+
+_HASH_NAMES = {"sha256": "sha256", "autov1": "AutoV1", "autov2": "AutoV2", "autov3": "AutoV3", "addnet": "addnet",
+               "blake3": "BLAKE3", "crc32": "CRC32", "sshs_model_hash": "sshs_model_hash",
+               "sshs_legacy_hash": "sshs_legacy_hash"}  # fmt: skip
+
+
+def _hit_label(h: dict[str, Any]) -> str:
+    label = f"{_HASH_NAMES.get(h['kind'], h['kind'])} {h['value']}"
+    return label + (f" (claimed by {h['source']})" if h["claimed"] else "")
+
+
+def render_find(r: dict[str, Any]) -> str:
+    pending = r.get("blake3_pending") or 0
+    note = (f"({pending} stored file{'s have' if pending != 1 else ' has'} no BLAKE3 yet; "
+            "`lorad verify` computes them)") if pending else ""  # fmt: skip
+    if not r["matches"]:
+        return f"no LoRA has a hash beginning {r['query']}" + (f"\n{note}" if note else "")
+    lines = []
+    for m in r["matches"]:
+        lora, variant = m["lora"], m["variant"]
+        active = _active(lora)
+        hits = "; ".join(_hit_label(h) for h in m["hits"])
+        lines.append(f"{lora['path']}  (LoRA {lora['id']})")
+        if variant is not None:
+            lines.append(f"  variant {_variant_label(variant)}{' (active)' if m['active'] else ''}: {hits}")
+        else:
+            lines.append(f"  {hits}: no stored variant has these bytes")
+        lines.append(f"  active: {_variant_label(active) if active else '-'}")
+    if note:
+        lines.append(note)
+    return "\n".join(lines)
+
+
+def render_rescan(r: dict[str, Any]) -> str:
+    retried = r.get("retried_jobs") or []
+    return "rescan requested" + (f"; {len(retried)} failed job(s) queued again" if retried else "")
 
 
 def render_switched(x: dict[str, Any]) -> str:
@@ -159,6 +226,8 @@ def render_verify(r: dict[str, Any]) -> str:
     for key in ("corrupt", "missing", "repaired", "stray", "missing_files", "unsettled", "temp_removed"):
         if r[key]:
             lines.append(f"  {key.replace('_', ' ')}: {len(r[key])}")
+    for ref in r.get("refused", []):
+        lines.append(f"  refused {ref['path']}: {ref['reason']}")
     for rec in r["reconciled"]:
         lines.append(f"  reconciled {rec['path']}: variant {rec['from']} -> {rec['to']}"
                      + (" (new original)" if rec["new_original"] else ""))  # fmt: skip
@@ -188,6 +257,12 @@ def list_command(args: argparse.Namespace) -> int:
 def show_command(args: argparse.Namespace) -> int:
     target: int | str = int(args.target) if args.target.isdigit() else _abs(args.target)
     return emit(args, call(args, "show", target=target), render_show)
+
+
+def find_command(args: argparse.Namespace) -> int:
+    result = call(args, "find", hash=args.hash)
+    emit(args, result, render_find)
+    return 0 if result["matches"] else 1  # as grep: scripts can test for "found"
 
 
 def revert_command(args: argparse.Namespace) -> int:
@@ -237,6 +312,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("folder", nargs="?", help="only LoRAs under this folder")
     p = add("show", show_command, "one LoRA: variants, policy decisions, jobs, per-module metrics")
     p.add_argument("target", help="the LoRA's path or id")
+    p = add("find", find_command, "which LoRA and variant a hash names (exit status 1: none)")
+    p.add_argument("hash", help="sha256 or a prefix of 8+ hex digits, AutoV2, AutoV3, sshs_model_hash, BLAKE3 "
+                                "(optionally as kind:HEX, e.g. blake3:...)")
     p = add("revert", revert_command, "put the original back at PATH")
     p.add_argument("path")
     p = add("switch", switch_command, "make VARIANT the file at PATH")
@@ -247,7 +325,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", help="use this policy instead of the folder's")
     add("pause", _simple("pause", lambda r: "paused: no new job starts (the running one finishes)"), "start no new jobs")
     add("resume", _simple("resume", lambda r: "resumed"), "start jobs again")
-    add("rescan", _simple("rescan", lambda r: "rescan requested"), "reconcile every watched folder now")
+    add("rescan", _simple("rescan", render_rescan), "reconcile every watched folder now; retry jobs that failed for passing reasons")
     add("verify", _simple("verify", render_verify), "re-hash the store and the watched files; repair records")
     p = add("gc", gc_command, "collect unreferenced reduced variants (a dry run unless --apply)")
     p.add_argument("--apply", action="store_true", help="collect for real")

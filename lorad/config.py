@@ -47,7 +47,10 @@ class Policy:
     budget_mb: float | None = None
     kohya_compat: bool = False
     min_saving: float = 0.10  # fraction of the original's bytes a variant must save to be activated
-    min_fro_retained: float = 0.90  # mean retained Frobenius ratio a variant must keep to be activated
+    # The whole file's retained Frobenius ratio (energy-weighted) a variant must keep to be activated.
+    # None: no floor of its own. A built-in floor would second-guess the method: fro 0.9 with a
+    # max_rank cap keeps less than 0.9 wherever the cap bites, by the user's own choice.
+    min_fro_retained: float | None = None
     activate: str = "auto"  # auto: activate a variant that passes; manual: store it only
     keep_variants: int = 3  # reduced variants kept per LoRA (the original is always kept)
 
@@ -94,6 +97,25 @@ class Schedule:
 
 
 @dataclass(frozen=True)
+class GpuBusy:
+    """When the GPU counts as busy (someone is generating): then no job starts. A limit of None is
+    not checked."""
+
+    util_above: float | None = 30.0  # percent; checked before every job, whatever its device
+    free_below_mb: float | None = 2048.0  # MiB free; checked only for jobs that run on the GPU
+    check_every: float = 5.0  # seconds between looks while busy
+
+
+def default_cpu_threads() -> int:
+    """All the cores this process may use but one, so a foreground app keeps a core; at least one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+@dataclass(frozen=True)
 class Config:
     state_dir: Path
     database: str
@@ -108,6 +130,11 @@ class Config:
     lease_seconds: float = 60.0  # a running job's lease, renewed by its heartbeat
     max_attempts: int = 3
     operator_group: str | None = None  # members may call mutating methods
+    # Politeness towards the apps the user runs in the foreground (ComfyUI, Forge...):
+    cpu_threads: int = field(default_factory=default_cpu_threads)  # torch threads per reduction
+    nice: int = 10  # the reduction process's niceness (raised to this, never lowered)
+    io_idle: bool = True  # the reduction process reads and writes in the idle I/O class
+    gpu_busy: GpuBusy | None = GpuBusy()  # None: start jobs whatever the GPU is doing
     source: str = "<embedded default>"
 
     def policy_for(self, watch: WatchDir) -> Policy:
@@ -376,12 +403,13 @@ def _path(value: Any, at: _At, base: Path) -> Path:
 
 _TOP_KEYS = ("state_dir", "database", "socket", "device", "watch", "policies", "schedule",
              "settle_seconds", "poll_seconds", "workers", "lease_seconds", "max_attempts",
-             "operator_group")  # fmt: skip
+             "operator_group", "cpu_threads", "nice", "io_idle", "gpu_busy")  # fmt: skip
 _POLICY_KEYS = ("method", "param", "max_rank", "budget_mb", "kohya_compat", "min_saving",
                 "min_fro_retained", "activate", "keep_variants")  # fmt: skip
 _WATCH_KEYS = ("path", "recursive", "policy", "poll")
 _SCHEDULE_KEYS = ("reconcile_every", "gc_every", "retry_every", "window")
 _WINDOW_KEYS = ("start", "end")
+_GPU_BUSY_KEYS = ("util_above", "free_below_mb", "check_every")
 
 
 def _policy(name: str, value: Any, at: _At) -> Policy:
@@ -396,7 +424,7 @@ def _policy(name: str, value: Any, at: _At) -> Policy:
         "budget_mb": lambda v, a: None if v is None else _number(v, a, 0),
         "kohya_compat": _bool,
         "min_saving": _fraction,
-        "min_fro_retained": _fraction,
+        "min_fro_retained": lambda v, a: None if v is None else _fraction(v, a),
         "activate": lambda v, a: _choice(v, a, ACTIVATE),
         "keep_variants": lambda v, a: _int(v, a, 1),
     }
@@ -490,6 +518,24 @@ def _schedule(value: Any, at: _At) -> Schedule:
     return Schedule(**fields)
 
 
+def _gpu_busy(value: Any, at: _At) -> GpuBusy | None:
+    """off (or null): never wait; a mapping: exactly the checks it names (a missing check is off)."""
+    if value is None or value is False or value == "off":
+        return None
+    doc = _mapping(value, at, _GPU_BUSY_KEYS)
+    if not doc:
+        raise at.error("name at least one of util_above, free_below_mb (or write `off`)")
+
+    def limit(key: str, high: float | None) -> float | None:
+        v = doc.get(key)
+        off = v is None or v is False or v == "off"  # YAML 1.1 reads a bare off as false
+        return None if off else _number(v, at.child(doc, key), 0, high)
+
+    every = parse_duration(doc["check_every"], at.child(doc, "check_every")) if "check_every" in doc else 5.0
+    return GpuBusy(util_above=limit("util_above", 100), free_below_mb=limit("free_below_mb", None),
+                   check_every=every or 5.0)  # fmt: skip
+
+
 def _config(doc: Any, source: str, base: Path) -> Config:
     root = _At(source, "", getattr(doc, "line", 1))
     if doc is None:
@@ -514,8 +560,25 @@ def _config(doc: Any, source: str, base: Path) -> Config:
         lease_seconds=_number(doc.get("lease_seconds", 60.0), at("lease_seconds"), 1, 86400),
         max_attempts=_int(doc.get("max_attempts", 3), at("max_attempts"), 1),
         operator_group=None if group is None else _string(group, at("operator_group")),
+        cpu_threads=_cpu_threads(doc.get("cpu_threads"), at("cpu_threads")),
+        nice=_nice(doc.get("nice", 10), at("nice")),
+        io_idle=_bool(doc.get("io_idle", True), at("io_idle")),
+        gpu_busy=_gpu_busy(doc["gpu_busy"], at("gpu_busy")) if "gpu_busy" in doc else GpuBusy(),
         source=source,
     )
+
+
+def _nice(value: Any, at: _At) -> int:
+    nice = _int(value, at, 0)
+    if nice > 19:
+        raise at.error(f"must be 0..19 (19 is the politest), got {nice}")
+    return nice
+
+
+def _cpu_threads(value: Any, at: _At) -> int:
+    if value is None or value == "auto":
+        return default_cpu_threads()
+    return _int(value, at, 1)
 
 
 def _database(value: Any, at: _At, base: Path) -> str:

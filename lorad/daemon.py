@@ -28,9 +28,11 @@ from lorad.control.protocol import Code, ControlError
 from lorad.control.server import Authorizer, ControlServer, claim_socket_path, group_id
 from lorad.errors import LoradError
 from lorad.log import get_logger
+from lorad.pathtext import shown
 from lorad.queue import JobView, Queue
+from lorad.state_dir import Modes, secure_dir
 from lorad.watch import Signature, Watcher, signature
-from lorad.worker import Gate, Runner, Worker
+from lorad.worker import Gate, Runner, Worker, gpu_probe, probe_device
 
 log = get_logger("lorad.daemon")
 
@@ -61,11 +63,8 @@ class KnownFiles:
 
 
 def resolve_device(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    # Asked of a short-lived process: the daemon itself never loads torch (nor a CUDA context).
+    return probe_device(requested)
 
 
 class Daemon:
@@ -102,20 +101,22 @@ class Daemon:
 
     def start(self) -> None:
         cfg = self.config
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        secure_dir(cfg.state_dir, Modes(group_id(cfg.operator_group)))  # private before anything lands in it
         self._lock_state_dir()
         claim_socket_path(cfg.socket)  # refuse early when another daemon listens there
         notify.status("migrating the database")
         from lorad.library import Library  # heavy imports (torch) after the cheap checks
 
-        self.library = Library(cfg.state_dir, [w.path for w in cfg.watch], cfg.database)
+        self.library = Library(cfg.state_dir, [w.path for w in cfg.watch], cfg.database,
+                               operator_gid=group_id(cfg.operator_group))  # fmt: skip
         self.queue = Queue(self.library.db, cfg.lease_seconds, cfg.max_attempts)
         requeued = self.queue.requeue_expired()
         if requeued:
             log.info("requeued jobs whose lease expired", jobs=requeued)
         self.device = resolve_device(cfg.device)
         self.watcher = Watcher(cfg.watch, cfg.settle_seconds, cfg.poll_seconds, self.on_settled,
-                               ignore=self.known.is_known, for_path=cfg.watch_for)  # fmt: skip
+                               ignore=self.known.is_known, for_path=cfg.watch_for,
+                               on_refused=self.library.record_refusal, on_scanned=self.library.prune_refusals)  # fmt: skip
         self.workers = self._make_workers()
         self.server = ControlServer(cfg.socket, methods.build(self), Authorizer(os.getuid(), group_id(cfg.operator_group)),
                                     group=group_id(cfg.operator_group))  # fmt: skip
@@ -138,7 +139,8 @@ class Daemon:
         if count != self.config.workers:
             log.info("one worker owns the GPU", configured=self.config.workers)
         host = socketlib.gethostname()
-        return [Worker(f"{host}:{os.getpid()}:w{i}", self.queue, runner, self.gate, self.config.lease_seconds)
+        gpu = gpu_probe(self.config, self.device)
+        return [Worker(f"{host}:{os.getpid()}:w{i}", self.queue, runner, self.gate, self.config.lease_seconds, gpu=gpu)
                 for i in range(count)]  # fmt: skip
 
     def supervise(self) -> None:
@@ -165,7 +167,10 @@ class Daemon:
             self._last_status = (line, now)
 
     def healthy(self) -> bool:
-        return all(w.healthy() for w in self.workers) and self.watcher.alive()
+        """Gates WATCHDOG=1: false lets systemd restart us. A control socket that stopped answering
+        counts, since nothing else would notice (the control check, a round trip, comes last)."""
+        workers_ok = all(w.healthy() for w in self.workers) and self.watcher.alive()
+        return workers_ok and self.server is not None and self.server.healthy()
 
     def shutdown(self) -> None:
         notify.stopping("stopping: finishing or giving back the running job")
@@ -194,7 +199,7 @@ class Daemon:
         signal.signal(signal.SIGHUP, lambda *_: self.watcher.request_reconcile("SIGHUP") if getattr(self, "watcher", None) else None)
 
     def _lock_state_dir(self) -> None:
-        fd = os.open(self.config.state_dir / "lorad.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(self.config.state_dir / "lorad.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -206,7 +211,7 @@ class Daemon:
 
     def on_settled(self, path: Path, watch: WatchDir, sig: Signature) -> None:
         """A watched file settled: store it as an original (if new) and queue its reduction."""
-        log.info("file settled", path=str(path), size=sig.size)
+        log.info("file settled", path=shown(path), size=sig.size)
         policy = self.config.policies[watch.policy]
         view = self.ingest(path, watch.policy, actor="watcher", sig=sig)
         self.enqueue_original(view, policy)
@@ -225,14 +230,20 @@ class Daemon:
         if created or job.state == "pending":
             self.gate.poke()
         if created:
-            log.info("job queued", job=job.id, path=str(view.path), policy=policy.name)
+            log.info("job queued", job=job.id, path=shown(view.path), policy=policy.name)
         return job, created
 
-    def retry(self) -> None:
+    def retry(self) -> list[int]:
+        """Expired leases and failed jobs whose error may pass (a full disk...): pending again."""
         revived = self.queue.requeue_expired() + self.queue.retry_failed()
         if revived:
             log.info("jobs retried", jobs=revived)
             self.gate.poke()
+        return revived
+
+    def waiting(self) -> str | None:
+        """Why due jobs are not starting (e.g. a busy GPU), or None."""
+        return next((w.waiting for w in self.workers if w.waiting), None)
 
     # operations the control methods use --------------------------------------------------
 
@@ -295,6 +306,8 @@ class Daemon:
             parts.append("paused")
         elif not self.gate.in_window:
             parts.append("outside window")
+        elif reason := self.waiting():
+            parts.append(f"waiting: {reason}")
         return " ".join(parts)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from datetime import time
 from pathlib import Path
 
@@ -10,8 +11,10 @@ import pytest
 
 from lorad.config import (
     ConfigError,
+    GpuBusy,
     Window,
     default_config,
+    default_cpu_threads,
     load_config,
     parse_config,
     with_overrides,
@@ -40,6 +43,9 @@ def test_example_config_loads_with_every_section() -> None:
     assert config.schedule.reconcile_every == 3600
     assert config.schedule.gc_every == 86400
     assert config.database == "sqlite:////var/lib/lorad/lorad.db"
+    assert config.policies["default"].min_fro_retained is None and config.policies["archive"].min_fro_retained == 0.8
+    assert (config.nice, config.io_idle, config.cpu_threads) == (10, True, default_cpu_threads())
+    assert config.gpu_busy == GpuBusy(util_above=30, free_below_mb=2048, check_every=5)
 
 
 def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
@@ -163,3 +169,42 @@ def test_watch_for_picks_the_deepest_folder_and_respects_recursion(tmp_path: Pat
     assert config.watch_for(tmp_path / "flat" / "x.safetensors") is not None
     assert config.watch_for(tmp_path / "flat" / "sub" / "x.safetensors") is None
     assert config.watch_for(tmp_path / "elsewhere.safetensors") is None
+
+
+def test_politeness_defaults() -> None:
+    config = parse_config(MINIMAL)
+    cores = len(os.sched_getaffinity(0))
+    assert config.cpu_threads == max(1, cores - 1)  # all cores but one, at least one
+    assert config.nice == 10 and config.io_idle is True
+    assert config.gpu_busy == GpuBusy(util_above=30.0, free_below_mb=2048.0, check_every=5.0)
+    assert config.policies["default"].min_fro_retained is None  # no floor unless the user sets one
+    assert default_config([]).policies["default"].min_fro_retained is None
+
+
+def test_politeness_settings_parse() -> None:
+    text = MINIMAL + "    min_fro_retained: 0.85\ncpu_threads: 3\nnice: 19\nio_idle: false\ngpu_busy: {util_above: 50, check_every: 2s}\n"
+    config = parse_config(text)
+    assert config.policies["default"].min_fro_retained == 0.85
+    assert (config.cpu_threads, config.nice, config.io_idle) == (3, 19, False)
+    assert config.gpu_busy == GpuBusy(util_above=50.0, free_below_mb=None, check_every=2.0)  # only what it names
+    assert parse_config(MINIMAL + "gpu_busy: off\n").gpu_busy is None
+    assert parse_config(MINIMAL + "gpu_busy: {util_above: off, free_below_mb: 4096}\n").gpu_busy == GpuBusy(None, 4096.0, 5.0)
+    assert parse_config(MINIMAL + "cpu_threads: auto\n").cpu_threads == default_cpu_threads()
+    assert parse_config(MINIMAL + "    min_fro_retained: null\n").policies["default"].min_fro_retained is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("nice: 25\n", r"line 8: nice: must be 0..19"),
+        ("nice: -5\n", r"line 8: nice: must be at least 0"),
+        ("cpu_threads: 0\n", r"line 8: cpu_threads: must be at least 1"),
+        ("io_idle: sometimes\n", r"line 8: io_idle: expected true or false"),
+        ("gpu_busy: {util_above: 150}\n", r"line 8: gpu_busy.util_above: 150 is out of range"),
+        ("gpu_busy: {util: 30}\n", r"line 8: unknown key 'gpu_busy.util'"),
+        ("gpu_busy: {}\n", r"line 8: gpu_busy: name at least one of util_above, free_below_mb"),
+    ],
+)
+def test_bad_politeness_settings_name_key_and_line(extra: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(MINIMAL + extra)

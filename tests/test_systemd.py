@@ -97,10 +97,22 @@ def test_system_unit_is_notify_hardened_and_gpu_capable() -> None:
     assert user["Type"] == ["notify"] and user["WantedBy"] == ["default.target"]
 
 
+@pytest.mark.parametrize("unit", [SYSTEM_UNIT, USER_UNIT])
+def test_units_are_polite_to_foreground_apps(unit: Path) -> None:
+    keys = unit_keys(unit)
+    assert 0 < int(keys["Nice"][0]) <= 19
+    assert int(keys["CPUWeight"][0]) < 100  # the default weight is 100
+    assert keys["IOSchedulingClass"] == ["idle"] and int(keys["IOWeight"][0]) < 100
+    assert int(keys["OOMScoreAdjust"][0]) > 0
+    # SIGTERM reaches the daemon only, which finishes or kills its reduction process itself.
+    assert keys["KillMode"] == ["mixed"]
+
+
 def test_docs_explain_installing_both_units() -> None:
     text = (REPO / "docs" / "systemd.md").read_text()
     for needle in ("systemctl enable --now lorad", "systemctl --user enable --now lorad", "ReadWritePaths=",
-                   "systemd/lorad.service", "systemd/lorad-user.service", "operator_group"):  # fmt: skip
+                   "systemd/lorad.service", "systemd/lorad-user.service", "operator_group",
+                   "cpu_threads", "gpu_busy", "nvidia-ml-py", "KillMode=mixed"):  # fmt: skip
         assert needle in text
 
 

@@ -1,8 +1,11 @@
-"""Workers on the real engine, library, store and SQLite queue, with tiny real LoRA files."""
+"""Workers on the real engine, library, store and SQLite queue, with tiny real LoRA files. Each job
+runs in a real reduction process (lorad._reduce_child), which these tests find and read in /proc."""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,18 +14,25 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lorad.config import Config, Policy, parse_config
+from lorad.config import Config, GpuBusy, Policy, parse_config
 from lorad.library import Library
 from lorad.queue import DONE, FAILED, PENDING, Queue
-from lorad.worker import Decision, Gate, Runner, Worker, decide
+from lorad.worker import GPU_STATE_ENV, MODULE_DELAY_ENV, Decision, Gate, GpuProbe, Runner, Worker, busy_reason, decide
 from tests._daemon_fixtures import make_lora, wait_for
+from tests._proc import environ_of, io_class_of, reduction_children, stat_nice
 
 POLICIES = """\
 policies:
   default: {method: rank, param: 2, min_saving: 0.2, min_fro_retained: 0.9}
   stingy: {method: rank, param: 2, min_saving: 0.95, min_fro_retained: 0.9}
   manual: {method: rank, param: 2, min_saving: 0.2, min_fro_retained: 0.9, activate: manual}
+  capped: {method: fro, param: 0.9, max_rank: 32}
+  capped_floor: {method: fro, param: 0.9, max_rank: 32, min_fro_retained: 0.9}
+cpu_threads: 1
+nice: 7
+io_idle: true
 """
+FAKE_OOM_ENV = "LORAD_TEST_FAKE_OOM"  # the engine's hook (lorad._engine_job), read in the child only
 
 
 def sha_of(path: Path) -> str:
@@ -51,14 +61,16 @@ class Rig:
         self.gate.poke()
         return path, job.id
 
-    def worker(self, runner=None, lease: float | None = None) -> Worker:  # type: ignore[no-untyped-def]
+    def worker(self, runner=None, lease: float | None = None, gpu: GpuProbe | None = None) -> Worker:  # type: ignore[no-untyped-def]
         w = Worker(f"w{len(self.workers)}", self.queue, runner or self.runner, self.gate,
-                   lease or self.queue.lease.total_seconds(), idle_seconds=0.1)  # fmt: skip
+                   lease or self.queue.lease.total_seconds(), idle_seconds=0.1, gpu=gpu)  # fmt: skip
         self.workers.append(w)
         w.start()
         return w
 
-    def wait_state(self, job_id: int, state: str, timeout: float = 60) -> None:
+    def wait_state(self, job_id: int, state: str, timeout: float = 300) -> None:
+        # Generous: each job starts a process that imports torch at niceness 7, which a loaded
+        # machine can starve for minutes. Only a failing test waits this long.
         wait_for(lambda: self.queue.get(job_id).state == state, timeout, what=f"job {job_id} to be {state}")
 
     def decisions(self, lora_path: Path) -> list[dict]:
@@ -94,12 +106,40 @@ def policy(**kw: object) -> Policy:
         (policy(min_saving=0.2, min_fro_retained=0.9), 500, None, False, "less than min_fro_retained"),
         (policy(min_saving=0.2, min_fro_retained=0.9, activate="manual"), 500, 0.95, False, "activates manually"),
         (policy(min_saving=0.0, min_fro_retained=0.0), 1200, 1.0, False, "saves -20.0%"),
+        # No floor unless the policy sets one: the method's own choice stands.
+        (policy(min_saving=0.2), 500, 0.41, True, "keeps 0.4100"),
+        (policy(min_saving=0.2), 500, None, True, "saves 50.0%"),
     ],
 )
 def test_decide(pol: Policy, bytes_out: int, fro: float | None, activate: bool, why: str) -> None:
     d = decide(pol, 1000, bytes_out, fro)
     assert isinstance(d, Decision) and d.activate is activate and why in d.reason
     assert d.saving == pytest.approx(1 - bytes_out / 1000)
+
+
+def test_the_default_policy_has_no_floor_of_its_own() -> None:
+    assert Policy(name="p", method="fro", param=0.9, max_rank=32).min_fro_retained is None
+    assert parse_config("policies:\n  p: {method: fro, param: 0.9, max_rank: 32}\n").policies["p"].min_fro_retained is None
+
+
+@pytest.mark.parametrize(
+    ("pol", "bytes_out", "fro", "setting", "would_pass", "text"),
+    [
+        (policy(min_saving=0.2, min_fro_retained=0.9), 500, 0.87349, "min_fro_retained", 0.8734,
+         "set by policies.p.min_fro_retained); min_fro_retained 0.8734 or lower would have passed"),
+        (policy(min_saving=0.6), 500, 0.95, "min_saving", 0.5,
+         "set by policies.p.min_saving); min_saving 50.0% or lower would have passed"),
+        (policy(min_saving=0.2), 1000, 1.0, "min_saving", None, "no min_saving passes a variant that is not smaller"),
+    ],
+)  # fmt: skip
+def test_a_refusal_names_the_setting_and_the_value_that_would_have_passed(
+    pol: Policy, bytes_out: int, fro: float, setting: str, would_pass: float | None, text: str
+) -> None:
+    d = decide(pol, 1000, bytes_out, fro)
+    assert not d.activate and d.refused_by == setting and d.would_pass == would_pass and text in d.reason
+    if would_pass is not None:  # the value named really passes
+        relaxed = Policy(**{**pol.__dict__, setting: would_pass})
+        assert decide(relaxed, 1000, bytes_out, fro).activate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,25 +191,15 @@ def test_a_failing_job_is_recorded_and_the_worker_carries_on(rig: Rig) -> None:
     assert worker.alive()
 
 
-def slowed(runner: Runner, pause: float):  # type: ignore[no-untyped-def]
-    """The real runner, its progress ticks slowed down, so a job lasts long enough to interrupt."""
-
-    def run(job, progress):  # type: ignore[no-untyped-def]
-        def slow(done: int, total: int) -> None:
-            time.sleep(pause)
-            progress(done, total)
-
-        return runner(job, slow)
-
-    return run
-
-
-def test_stop_abandons_a_long_job_and_gives_it_back(rig: Rig) -> None:
+def test_stop_abandons_a_long_job_kills_its_process_and_gives_it_back(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(MODULE_DELAY_ENV, "0.2")  # 40 modules: a job of 8 s at least
     path, job_id = rig.add("long.safetensors", modules=40)
-    worker = rig.worker(slowed(rig.runner, 0.2))
-    wait_for(lambda: worker.running is not None and worker.running.done >= 1, 30, what="the job to start")
-    worker.stop(grace=0.3)
+    worker = rig.worker()
+    wait_for(lambda: worker.running is not None and worker.running.done >= 1, 300, what="the job to start")
+    [child] = reduction_children()
+    worker.stop(grace=1.0)
     assert not worker.alive()
+    assert not Path(f"/proc/{child}").exists()  # killed and reaped
     job = rig.queue.get(job_id)
     assert (job.state, job.attempts, job.worker) == (PENDING, 0, None)
     lora = rig.library.lora(path)
@@ -177,13 +207,14 @@ def test_stop_abandons_a_long_job_and_gives_it_back(rig: Rig) -> None:
     assert list((rig.library.state_dir / "work").iterdir()) == []
 
 
-def test_heartbeat_keeps_a_long_job_leased_and_reports_progress(tmp_path: Path) -> None:
+def test_heartbeat_keeps_a_long_job_leased_and_reports_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(MODULE_DELAY_ENV, "0.25")
     rig = Rig(tmp_path, lease=1.0)
     try:
         _, job_id = rig.add("long.safetensors", modules=12)
-        worker = rig.worker(slowed(rig.runner, 0.25))
+        worker = rig.worker()
         seen_progress = []
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300
         while rig.queue.get(job_id).state != DONE and time.monotonic() < deadline:
             assert rig.queue.requeue_expired() == []  # the lease never runs out while it works
             seen_progress.append(rig.queue.get(job_id).progress)
@@ -194,6 +225,126 @@ def test_heartbeat_keeps_a_long_job_leased_and_reports_progress(tmp_path: Path) 
         assert worker.healthy()
     finally:
         rig.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The reduction process: one per job, polite, gone when the job is
+
+
+def test_each_job_runs_in_a_polite_process_of_its_own_that_exits_with_the_job(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(MODULE_DELAY_ENV, "0.05")
+    own_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    assert own_nice < 7, "run the tests at a niceness below 7 so the child's own can be seen"
+    worker = rig.worker()
+    pids = []
+    for n in range(2):
+        path, job_id = rig.add(f"job{n}.safetensors", seed=n, modules=40)
+        [child] = wait_for(reduction_children, 300, what="the reduction process")
+        wait_for(lambda: worker.running is not None and worker.running.done >= 1, 300, what="progress")
+        tasks = [int(t.name) for t in Path(f"/proc/{child}/task").iterdir()]
+        assert {stat_nice(child, t) for t in tasks} == {7}  # every thread, torch's included
+        assert environ_of(child)["OMP_NUM_THREADS"] == "1" and environ_of(child)["MKL_NUM_THREADS"] == "1"
+        assert io_class_of(child) == "idle"
+        assert os.getpriority(os.PRIO_PROCESS, 0) == own_nice and io_class_of(os.getpid()) != "idle"
+        # A terminal's Ctrl-C or a service manager's SIGTERM to the whole group: the worker, not
+        # the signal, decides whether a job finishes.
+        os.kill(child, signal.SIGINT)
+        os.kill(child, signal.SIGTERM)
+        rig.wait_state(job_id, DONE)
+        assert rig.queue.get(job_id).attempts == 1
+        wait_for(lambda: reduction_children() == [], 30, what="the process to exit after its job")
+        assert not Path(f"/proc/{child}").exists()  # exited and reaped, not a zombie
+        assert rig.library.lora(path).active.kind == "reduced"
+        pids.append(child)
+    assert pids[0] != pids[1]  # a fresh process per job
+
+
+def test_a_killed_reduction_process_is_a_failed_attempt_that_is_retried(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(MODULE_DELAY_ENV, "0.1")
+    path, job_id = rig.add("victim.safetensors", modules=40)
+    worker = rig.worker()
+    wait_for(lambda: worker.running is not None and worker.running.done >= 1, 300, what="the job to run")
+    [child] = reduction_children()
+    os.kill(child, signal.SIGKILL)
+    failed = wait_for(lambda: (j := rig.queue.get(job_id)).error and j, 60, what="the failure to be recorded")
+    assert failed.state in (PENDING, "running") and failed.attempts >= 1
+    assert failed.error.startswith("ChildFailed:") and "killed by SIGKILL" in failed.error
+    monkeypatch.setenv(MODULE_DELAY_ENV, "0")
+    rig.wait_state(job_id, DONE)  # after its backoff, a fresh process does it
+    done = rig.queue.get(job_id)
+    assert done.attempts == 2 and worker.alive()
+    assert [v.kind for v in rig.library.lora(path).variants] == ["original", "reduced"]
+
+
+@pytest.mark.parametrize(("limit", "note"), [("0", "reduced on the CPU instead"), ("1", "retried in batches of")])
+def test_out_of_memory_in_the_reduction_process_is_an_event_never_a_failure(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, limit: str, note: str
+) -> None:
+    # Set here, the fake reaches only the reduction process: the worker itself runs no engine.
+    monkeypatch.setenv(FAKE_OOM_ENV, limit)
+    path, job_id = rig.add("oom.safetensors", modules=3)
+    rig.worker()
+    rig.wait_state(job_id, DONE)
+    job = rig.queue.get(job_id)
+    assert job.attempts == 1 and job.error is None
+    assert rig.library.lora(path).active.kind == "reduced"
+    [oom] = [e for e in rig.library.events(path) if e.kind == "out_of_memory"]
+    assert oom.variant_id == rig.library.lora(path).active.id and oom.detail["job"] == job_id
+    assert oom.detail["notes"] and all(n.startswith("out of memory:") for n in oom.detail["notes"])
+    assert any(note in n for n in oom.detail["notes"])
+    [decision] = rig.decisions(path)
+    assert decision["activate"] is True and decision["device"] == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# A busy GPU
+
+
+@pytest.mark.parametrize(
+    ("util", "free", "gpu_job", "busy"),
+    [
+        (95, 80000, True, "utilisation 95% > 30%"),
+        (95, 80000, False, "utilisation 95% > 30%"),  # someone is generating: a CPU job waits too
+        (5, 1000, True, "1000 MiB free < 2048 MiB"),
+        (5, 1000, False, None),  # a CPU job needs no VRAM
+        (30, 2048, True, None),
+    ],
+)
+def test_busy_reason(util: float, free: float, gpu_job: bool, busy: str | None) -> None:
+    reason = busy_reason(GpuBusy(), util, free, gpu_job)
+    assert (reason is None) if busy is None else (busy in reason and reason.startswith("GPU busy"))
+
+
+def test_without_nvml_the_gpu_is_never_busy_and_jobs_run(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On this machine NVML is absent (no nvidia-ml-py, or no driver): limits any real reading
+    would call busy change nothing."""
+    monkeypatch.delenv(GPU_STATE_ENV, raising=False)
+    probe = GpuProbe(GpuBusy(util_above=0, free_below_mb=1e12, check_every=0.1), gpu_jobs=True)
+    assert probe.busy() is None and probe.available is False
+    _, job_id = rig.add("n.safetensors")
+    worker = rig.worker(gpu=probe)
+    rig.wait_state(job_id, DONE)
+    assert worker.waiting is None and rig.queue.get(job_id).attempts == 1
+
+
+def test_a_busy_gpu_holds_jobs_back_until_it_is_free(rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = tmp_path / "gpu-state"
+    state.write_text("95 80000\n")
+    monkeypatch.setenv(GPU_STATE_ENV, str(state))
+    worker = rig.worker(gpu=GpuProbe(GpuBusy(check_every=0.1), gpu_jobs=True))
+    _, job_id = rig.add("g.safetensors")
+    wait_for(lambda: worker.waiting, 30, what="the worker to wait")
+    assert worker.waiting == "GPU busy (utilisation 95% > 30%)"
+    time.sleep(1.0)
+    job = rig.queue.get(job_id)
+    assert (job.state, job.attempts) == (PENDING, 0) and reduction_children() == []
+    state.write_text("0 1000\n")  # idle, but too little VRAM left for a GPU job
+    wait_for(lambda: worker.waiting and "MiB free" in worker.waiting, 30, what="the memory reason")
+    state.write_text("0 80000\n")
+    rig.wait_state(job_id, DONE)
+    assert worker.waiting is None and rig.queue.get(job_id).attempts == 1
 
 
 def test_a_paused_gate_starts_nothing_until_resumed(rig: Rig) -> None:
@@ -244,3 +395,72 @@ def test_a_window_that_excludes_now_holds_jobs_back(rig: Rig) -> None:
         rig.wait_state(job_id, DONE)
     finally:
         timers.shutdown(wait=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The quality floor: the whole file's energy-weighted ratio, and none unless the policy sets one
+
+
+def spectrum_lora(path: Path, modules: list[tuple[float, int]], rank: int = 64, dim: int = 128) -> Path:
+    """A kohya LoRA (alpha = rank, so scale 1) whose module i has `true_rank` equal singular values
+    of size `size`: a flat spectrum of 64 keeps sqrt(32/64) = 0.707 of its norm at rank 32."""
+    gen = torch.Generator().manual_seed(7)
+    tensors = {}
+    for i, (size, true_rank) in enumerate(modules):
+        qb, _ = torch.linalg.qr(torch.randn(dim, rank, generator=gen))
+        qa, _ = torch.linalg.qr(torch.randn(dim, rank, generator=gen))
+        s = torch.zeros(rank)
+        s[:true_rank] = size
+        name = f"lora_unet_mid_block_attentions_0_proj_{i}"
+        tensors[f"{name}.lora_up.weight"] = (qb * s).contiguous()
+        tensors[f"{name}.lora_down.weight"] = qa.T.contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(float(rank))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"ss_network_dim": str(rank)})
+    return path
+
+
+def add_file(rig: Rig, path: Path, policy: str) -> int:
+    view = rig.library.ingest(path, policy=policy)
+    p = rig.config.policies[policy]
+    job, _ = rig.queue.enqueue(view.original.blob_sha256, view.id, p.name, p.hash)
+    rig.gate.poke()
+    return job.id
+
+
+def test_fro_with_a_rank_cap_and_no_floor_is_activated(rig: Rig) -> None:
+    """fro 0.9 capped at rank 32 keeps 0.707 of flat rank-64 modules: the user's cap, not a fault."""
+    path = spectrum_lora(rig.folder / "flat.safetensors", [(1.0, 64)] * 3)
+    job_id = add_file(rig, path, "capped")
+    rig.worker()
+    rig.wait_state(job_id, DONE)
+    [decision] = rig.decisions(path)
+    assert decision["activate"] is True and decision["fro_retained"] == pytest.approx(0.5**0.5, abs=1e-3)
+    assert rig.library.lora(path).active.kind == "reduced"
+
+
+def test_the_floor_weighs_each_module_by_its_energy(rig: Rig) -> None:
+    """One strong module kept whole and three weak flat ones kept at 0.707: the mean (0.78) is under
+    0.9, the file keeps 0.976 of its norm, and a floor of 0.9 reads the file."""
+    path = spectrum_lora(rig.folder / "mixed.safetensors", [(30.0, 2), (1.0, 64), (1.0, 64), (1.0, 64)])
+    job_id = add_file(rig, path, "capped_floor")
+    rig.worker()
+    rig.wait_state(job_id, DONE)
+    [decision] = rig.decisions(path)
+    active = rig.library.lora(path).active
+    assert active.kind == "reduced" and active.fro_retained_mean < 0.9
+    expected = ((2 * 900 + 3 * 32) / (2 * 900 + 3 * 64)) ** 0.5
+    assert decision["activate"] is True and decision["fro_retained"] == pytest.approx(expected, abs=1e-3)
+
+
+def test_a_floor_the_variant_misses_is_named_with_the_value_that_passes(rig: Rig) -> None:
+    path = spectrum_lora(rig.folder / "weak.safetensors", [(1.0, 64)] * 2)
+    job_id = add_file(rig, path, "capped_floor")
+    rig.worker()
+    rig.wait_state(job_id, DONE)
+    [decision] = rig.decisions(path)
+    assert decision["activate"] is False and decision["refused_by"] == "min_fro_retained"
+    assert decision["would_pass"] == pytest.approx(0.7071, abs=1e-4) and decision["would_pass"] <= decision["fro_retained"]
+    assert "(set by policies.capped_floor.min_fro_retained)" in decision["reason"]
+    assert f"min_fro_retained {decision['would_pass']:.4f} or lower would have passed" in decision["reason"]
+    assert rig.library.lora(path).active.kind == "original"

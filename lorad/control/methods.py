@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorad import __version__
-from lorad.control.protocol import VERSION, Code, ControlError
+from lorad.control.protocol import INT_MAX, VERSION, Code, ControlError
 from lorad.control.server import Handler, Peer
-from lorad.control.views import lora_json, saved_bytes
+from lorad.control.views import find_json, lora_json, refused_path_json, saved_bytes
 from lorad.errors import StoreError
+from lorad.hashes import HashQueryError
 from lorad.formats.safetensors_file import is_complete
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 def build(daemon: Daemon) -> dict[str, Handler]:
     m = Methods(daemon)
     return {name: getattr(m, name) for name in (
-        "hello", "status", "list", "show", "revert", "switch", "reduce",
+        "hello", "status", "list", "show", "find", "report", "revert", "switch", "reduce",
         "pause", "resume", "rescan", "verify", "gc",
     )}  # fmt: skip
 
@@ -53,6 +54,7 @@ class Methods:
             "workers": len(d.workers),
             "paused": d.gate.paused,
             "in_window": d.gate.in_window,
+            "waiting": d.waiting(),
             "queue": counts,
             "queue_depth": counts["pending"] + counts["running"],
             "running": d.running_jobs(),
@@ -64,19 +66,23 @@ class Methods:
             "watcher_alive": d.watcher.alive(),
             "reconciles": d.watcher.reconciles,
             "pending_files": len(d.watcher.settler.pending()),
+            "refused_files": len(d.watcher.refused()),
         }
 
     def list(self, params: dict[str, Any], peer: Peer) -> list[dict[str, Any]]:
         folder = params.get("folder")
         prefix = self.d.watched(folder) if folder else None
         loras = [lora_json(v) for v in self.d.library.loras()]
+        loras += [self._refused_json(r) for r in self.d.library.refusals() if r.lora_id is None]
         if prefix is not None:
             loras = [x for x in loras if Path(x["path"]) == prefix or prefix in Path(x["path"]).parents]
         return sorted(loras, key=lambda x: x["path"])
 
     def show(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        target = params["target"]
-        ref: int | Path = int(target) if isinstance(target, int) or str(target).isdigit() else self.d.watched(target)
+        refused = self._refused_only(params["target"])
+        if refused is not None:
+            return refused
+        ref = self._lora_ref(params["target"])
         try:
             view = self.d.library.lora(ref)
         except StoreError as e:
@@ -89,6 +95,25 @@ class Methods:
         ]
         doc["modules"] = self.d.library.module_metrics(view.active_variant_id) if view.active_variant_id else []
         return doc
+
+    def find(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        try:
+            return find_json(self.d.library.find_hash(params["hash"]))
+        except HashQueryError as e:
+            raise ControlError(Code.BAD_PARAMS, f"find: {e}") from None
+
+    def report(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        from lorad import report_docs
+
+        target, everything = params.get("target"), params["all"]
+        if (target is None) == (not everything):
+            raise ControlError(Code.BAD_PARAMS, "report: give a LoRA (target) or all=true, not both")
+        if everything:
+            return report_docs.library_doc(self.d.library)
+        try:
+            return report_docs.lora_doc(self.d.library, self._lora_ref(target))
+        except StoreError as e:
+            raise ControlError(Code.NOT_FOUND, str(e)) from None
 
     # changing ----------------------------------------------------------------------------
 
@@ -131,7 +156,10 @@ class Methods:
     def rescan(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
         before = self.d.watcher.reconciles
         self.d.watcher.request_reconcile(f"requested by uid {peer.uid}")
-        return {"requested": True, "reconciles_before": before}
+        # A rescan is "look again": jobs that failed for reasons that may have passed (a full disk)
+        # are tried again too, not only at the next retry timer.
+        retried = self.d.retry()
+        return {"requested": True, "reconciles_before": before, "retried_jobs": retried}
 
     def verify(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
         report = self.d.library.verify(actor=peer.actor())
@@ -146,6 +174,7 @@ class Methods:
                             "new_original": r.new_original} for r in report.reconciled],  # fmt: skip
             "missing_files": [str(p) for p in report.missing_files],
             "unsettled": [str(p) for p in report.unsettled],
+            "refused": [{"path": str(p), "reason": reason} for p, reason in report.refused],
             "temp_removed": [str(p) for p in report.temp_removed],
         }
 
@@ -160,6 +189,33 @@ class Methods:
         }
 
     # helpers -----------------------------------------------------------------------------
+
+    def _lora_ref(self, target: int | str) -> int | Path:
+        """A LoRA id (a number, or ASCII digits) or a watched path."""
+        if isinstance(target, str) and target.isascii() and target.isdigit():
+            target = int(target)  # under PATH_MAX digits: within Python's int-string limit
+            if target > INT_MAX:  # SQLite could not even be asked
+                raise ControlError(Code.NOT_FOUND, f"no LoRA with id {target}")
+        if isinstance(target, int):
+            return target
+        return self.d.watched(target)
+
+    def _refused_json(self, r: Any) -> dict[str, Any]:
+        watch = self.d.config.watch_for(r.path)
+        return refused_path_json(r, watch.path if watch else r.path.parent, watch.policy if watch else None)
+
+    def _refused_only(self, target: int | str) -> dict[str, Any] | None:
+        """`show` of a watched path lorad refused and holds no LoRA for: the refusal. Looked up
+        by the name as given (a symlink leading outside is refused under its own name)."""
+        if not isinstance(target, str) or target.isdigit():
+            return None
+        path = os.path.abspath(os.path.expanduser(target))
+        if self.d.config.watch_for(Path(path)) is None:
+            return None
+        refusal = self.d.library.refusal(path)
+        if refusal is None or refusal.lora_id is not None:
+            return None
+        return {**self._refused_json(refusal), "jobs": [], "events": [], "modules": []}
 
     def _known(self, text: str) -> Path:
         path = self.d.watched(text)

@@ -33,7 +33,42 @@ def lora_json(lora: Any) -> dict[str, Any]:
         "original_bytes": original.bytes if original else None,
         "active_bytes": active.bytes if active else None,
         "variants": [variant_json(v, lora.active_variant_id) for v in lora.variants],
+        "refused": refusal_json(lora.refused) if lora.refused else None,
     }
+
+
+def refusal_json(r: Any) -> dict[str, Any]:
+    return {"cause": r.cause, "reason": r.reason, "since": r.first_seen.isoformat(), "last_seen": r.last_seen.isoformat()}
+
+
+def refused_path_json(r: Any, folder: Any, policy: str | None) -> dict[str, Any]:
+    """A watched path lorad has no LoRA for because it refused the file: a `list` entry shaped
+    like a LoRA's (no id, no variants) with the refusal."""
+    return {
+        "id": None,
+        "path": str(r.path),
+        "folder": str(folder),
+        "policy": policy,
+        "active_variant": None,
+        "original_variant": None,
+        "original_bytes": None,
+        "active_bytes": None,
+        "variants": [],
+        "refused": refusal_json(r),
+    }
+
+
+def find_json(result: Any) -> dict[str, Any]:
+    """A `find` result (lorad.records.FindResult): per match the LoRA, the variant with the hash
+    (None: a sidecar's claim that no stored variant has), whether that variant is the one at the
+    path now, and which hashes matched."""
+    matches = []
+    for m in result.matches:
+        lora = lora_json(m.lora)
+        variant = next((v for v in lora["variants"] if v["id"] == m.variant_id), None)
+        matches.append({"lora": lora, "variant": variant, "active": bool(variant and variant["active"]),
+                        "hits": [h.to_json() for h in m.hits]})  # fmt: skip
+    return {"query": result.query, "matches": matches, "blake3_pending": result.blake3_pending}
 
 
 def saved_bytes(loras: list[dict[str, Any]]) -> tuple[int, int, int]:
