@@ -125,11 +125,13 @@ def render_list(loras: list[dict[str, Any]]) -> str:
         if x["id"] is None:
             continue  # a refused path: listed below
         active = _active(x)
+        path = x["path"] + ("/" if x.get("kind") == "folder" else "")  # an adapter folder, as `ls -p`
         rows.append([
-            str(x["id"]), x["path"], human_bytes(x["original_bytes"]), human_bytes(x["active_bytes"]),
-            _variant_label(active) if active else "-", str(len(x["variants"])),
+            str(x["id"]), path, human_bytes(x["original_bytes"]), human_bytes(x["active_bytes"]),
+            _variant_label(active) if active else "-", _servers(active) if active else "-", str(len(x["variants"])),
         ])  # fmt: skip
-    lines = [table(rows, ["ID", "PATH", "ORIGINAL", "NOW", "ACTIVE", "VARIANTS"]) if rows else "no LoRAs recorded yet"]
+    header = ["ID", "PATH", "ORIGINAL", "NOW", "ACTIVE", "SERVES", "VARIANTS"]
+    lines = [table(rows, header) if rows else "no LoRAs recorded yet"]
     refused = [x for x in loras if x.get("refused")]
     if refused:
         lines += ["", "refused (fix the file, then `lorad rescan`):"]
@@ -144,20 +146,42 @@ def _variant_label(v: dict[str, Any]) -> str:
     return f"#{v['id']} {v['method']}{param}"
 
 
+def _servers(v: dict[str, Any]) -> str:
+    """The serving hosts whose rank rules the variant meets as it is ("?": ranks unknown)."""
+    servers = v.get("servers")
+    if servers is None:
+        return "?"
+    return ",".join(servers) if servers else "-"
+
+
+def _ranks(v: dict[str, Any]) -> str:
+    span = v.get("ranks")
+    if not span:
+        return "?"
+    return str(span["min"]) if span["uniform"] else f"{span['min']}-{span['max']}"
+
+
 def render_variants(x: dict[str, Any]) -> str:
     rows = []
     for v in x["variants"]:
         fro = "-" if v["fro_retained"] is None else f"{v['fro_retained']:.4f}"
         rows.append(["*" if v["active"] else "", str(v["id"]), v["kind"], v["method"] or "-",
-                     "-" if v["param"] is None else f"{v['param']:g}", human_bytes(v["bytes"]), fro])  # fmt: skip
-    return table(rows, ["", "VARIANT", "KIND", "METHOD", "PARAM", "SIZE", "FRO_RETAINED"])
+                     "-" if v["param"] is None else f"{v['param']:g}", human_bytes(v["bytes"]), fro,
+                     _ranks(v), _servers(v)])  # fmt: skip
+    return table(rows, ["", "VARIANT", "KIND", "METHOD", "PARAM", "SIZE", "FRO_RETAINED", "RANKS", "SERVES"])
 
 
 def render_show(x: dict[str, Any]) -> str:
     refused = x.get("refused")
     if x["id"] is None:
         return f"{x['path']}: refused since {refused['since']}: {refused['cause']}: {refused['reason']}"
-    lines = [f"{x['path']}  (id {x['id']}, policy {x['policy']})", "", render_variants(x)]
+    kind = ", adapter folder" if x.get("kind") == "folder" else ""
+    lines = [f"{x['path']}  (id {x['id']}, policy {x['policy']}{kind})", "", render_variants(x)]
+    ruled = [v for v in x["variants"] if v.get("rank_rule") or v.get("serve")]
+    if ruled:
+        lines.append("")
+        lines += [f"variant {v['id']}: made for {v.get('serve') or 'a rank rule'}: {v.get('rank_rule') or '-'}"
+                  for v in ruled]  # fmt: skip
     if refused:
         lines += ["", f"its file is refused since {refused['since']}: {refused['cause']}: {refused['reason']}"]
     decisions = [e for e in x.get("events", []) if e["kind"] == "decided"]

@@ -7,11 +7,16 @@ cannot take the daemon down with it.
 
     python -m lorad._reduce_child --fd N --parent PID [--job ID]   (the spec as JSON on stdin)
     python -m lorad._reduce_child --probe-device auto             (prints cpu or cuda)
+    python -m lorad._reduce_child --check-folder DIR [--nice N]   (open_lora on an adapter folder;
+                                                                   prints {"ok": ...} as JSON)
 
 The child first makes itself polite (niceness, idle I/O class, a bounded number of torch threads),
 before any thread exists, so every thread torch starts later inherits it. It then runs the engine
 on the stored original, writes the output file where the spec says, and reports on descriptor N
 as JSON lines: one `started`, any number of `progress`, then exactly one `report` or `error`.
+An adapter folder's original is a tree in the store (lorad.trees): the spec's `tree` lists its
+entries, which the child copies out of the store into `src` (a folder in the work area, each
+blob's bytes checked on the way) before the engine reduces that folder into the folder `dst`.
 The parent (lorad.worker) records the variant and applies the policy; the child touches no
 database and no watched folder.
 """
@@ -146,6 +151,8 @@ def run(spec: dict[str, Any], channel: _Channel) -> None:
             time.sleep(delay)
 
     try:
+        if spec.get("tree") is not None:
+            _materialize_tree(spec["tree"], spec["src"])
         report = reduce_file(spec["src"], spec["dst"], ReduceSettings(**spec["settings"]), progress=progress)
     except Exception as e:  # noqa: BLE001 - every failure goes to the parent, classified
         kind = _classify(e)
@@ -154,6 +161,31 @@ def run(spec: dict[str, Any], channel: _Channel) -> None:
         channel.send("error", type=type(e).__name__, message=str(e), kind=kind)
         return
     channel.send("report", report=encode_report(report))
+
+
+def _materialize_tree(tree: dict[str, Any], dest: str) -> None:
+    """Copy a stored tree's entries (blobs under tree["objects"]) into the new folder `dest`."""
+    from pathlib import Path
+
+    from lorad import trees
+
+    folder = Path(dest)
+    folder.mkdir(mode=0o700)
+    objects = Path(tree["objects"])
+    entries = [trees.Entry(name, sha, mode) for name, sha, mode in tree["entries"]]
+    trees.write_entries(entries, folder, lambda e, fd: trees.copy_verified(objects / e.sha256[:2] / e.sha256, fd, e.sha256))
+
+
+def check_folder(path: str, nice: int) -> dict[str, Any]:
+    """open_lora on an adapter folder: {"ok": true} or {"ok": false, "type", "message"}."""
+    lower_priority(nice, True)
+    try:
+        from lorad.formats.lora import open_lora
+
+        open_lora(path)
+    except Exception as e:  # noqa: BLE001 - the verdict goes to the parent
+        return {"ok": False, "type": type(e).__name__, "message": str(e)}
+    return {"ok": True}
 
 
 def probe_device(requested: str) -> str:
@@ -172,9 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parent", type=int)
     ap.add_argument("--job", default="?", help="for ps and logs only")
     ap.add_argument("--probe-device")
+    ap.add_argument("--check-folder")
+    ap.add_argument("--nice", type=int, default=10)
     args = ap.parse_args(argv)
     if args.probe_device:
         print(probe_device(args.probe_device))
+        return 0
+    if args.check_folder:
+        print(json.dumps(check_folder(args.check_folder, args.nice)))
         return 0
     _die_with_parent(args.parent)
     # The parent decides when a job stops: a terminal's Ctrl-C or a service manager's SIGTERM to

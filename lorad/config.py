@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from lorad.errors import LoradError, ReduceError
+from lorad.reduce import rank_rules
 from lorad.reduce.methods import METHODS
 from lorad.reduce.methods import validate as validate_method
 
@@ -53,6 +54,10 @@ class Policy:
     min_fro_retained: float | None = None
     activate: str = "auto"  # auto: activate a variant that passes; manual: store it only
     keep_variants: int = 3  # reduced variants kept per LoRA (the original is always kept)
+    # Rank rules for serving hosts (lorad.reduce.rank_rules), applied after the method's choice.
+    rank_multiple: int | None = None
+    uniform: bool = False
+    serve: str | None = None  # vllm, lorax or diffusers-hotswap: that server's preset
 
     @property
     def hash(self) -> str:
@@ -64,6 +69,8 @@ class Policy:
             "budget_mb": self.budget_mb,
             "kohya_compat": self.kohya_compat,
         }
+        rules = {"rank_multiple": self.rank_multiple, "uniform": self.uniform, "serve": self.serve}
+        doc.update({k: v for k, v in rules.items() if v})  # unset rules leave older hashes as they were
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -405,7 +412,7 @@ _TOP_KEYS = ("state_dir", "database", "socket", "device", "watch", "policies", "
              "settle_seconds", "poll_seconds", "workers", "lease_seconds", "max_attempts",
              "operator_group", "cpu_threads", "nice", "io_idle", "gpu_busy")  # fmt: skip
 _POLICY_KEYS = ("method", "param", "max_rank", "budget_mb", "kohya_compat", "min_saving",
-                "min_fro_retained", "activate", "keep_variants")  # fmt: skip
+                "min_fro_retained", "activate", "keep_variants", "rank_multiple", "uniform", "serve")  # fmt: skip
 _WATCH_KEYS = ("path", "recursive", "policy", "poll")
 _SCHEDULE_KEYS = ("reconcile_every", "gc_every", "retry_every", "window")
 _WINDOW_KEYS = ("start", "end")
@@ -427,12 +434,20 @@ def _policy(name: str, value: Any, at: _At) -> Policy:
         "min_fro_retained": lambda v, a: None if v is None else _fraction(v, a),
         "activate": lambda v, a: _choice(v, a, ACTIVATE),
         "keep_variants": lambda v, a: _int(v, a, 1),
+        "rank_multiple": lambda v, a: None if v is None else _int(v, a, 1),
+        "uniform": _bool,
+        "serve": lambda v, a: None if v is None else _choice(v, a, rank_rules.SERVERS),
     }
     for key, check in checks.items():
         if key in doc:
             fields[key] = check(doc[key], at.child(doc, key))
     policy = Policy(**fields)
     _check_method_param(policy, doc, at)
+    try:
+        rank_rules.rule_for(policy.serve, policy.rank_multiple, policy.uniform, policy.max_rank)
+    except ReduceError as e:
+        key = next((k for k in ("serve", "rank_multiple", "uniform") if k in doc), "max_rank")
+        raise at.child(doc, key).error(str(e)) from None
     return policy
 
 
@@ -542,7 +557,7 @@ def _config(doc: Any, source: str, base: Path) -> Config:
         doc = _Located()
         doc.line, doc.key_lines = 1, {}
     doc = _mapping(doc, root, _TOP_KEYS)
-    at = lambda key: root.child(doc, key)  # noqa: E731
+    at = lambda key: root.child(doc, key)
     state_dir = _path(doc["state_dir"], at("state_dir"), base) if "state_dir" in doc else default_state_dir()
     policies = _policies(doc["policies"], at("policies")) if "policies" in doc else {DEFAULT_POLICY: default_policy()}
     group = doc.get("operator_group")

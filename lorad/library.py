@@ -11,7 +11,8 @@ Only one Library per state directory should mutate at a time (the daemon); withi
 are serialised by a lock. No operation opens a watched path that is not a regular file (a FIFO
 would block it, and every other caller behind the lock): such a path, or one lorad cannot read, is
 refused with its reason and recorded as a refusal (`refusals()`), as the watcher's refusals are.
-Verify and gc live in lorad.upkeep.
+A PEFT adapter folder is one LoRA whose variants are folder trees (lorad.folders); verify and gc
+live in lorad.upkeep.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import structlog
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from lorad import folder_swap, folders, trees
 from lorad._atomic import is_temp_name
 from lorad._fileio import check_regular
 from lorad.db import repo
@@ -37,7 +39,7 @@ from lorad.db.models import Blob, Lora, Variant
 from lorad.db.session import BUSY_TIMEOUT_MS, Database, DatabaseUnavailable, default_url, sqlite_path
 from lorad.errors import LoradError, StoreError
 from lorad.formats.detect import detect_format
-from lorad.formats.keys import parse_key
+from lorad.formats.keys import group_keys, parse_key
 from lorad.formats.safetensors_file import Header, file_data_sha256, read_header
 from lorad.hashes import HashHit, claim_names, parse_query
 from lorad.pathtext import shown
@@ -129,6 +131,9 @@ class Library:
 
             migrate.upgrade(self.database_url)
         self.store = Store(self.state_dir / "store", link_mode, self.modes.blob, operator_gid)
+        # Where adapter folders are built before they are swapped in (lorad.folder_swap).
+        self.swap_area = self.state_dir / "swap"
+        self.swap_area.mkdir(mode=0o700, exist_ok=True)
         self.db = Database(self.database_url, busy_timeout_ms)
         # Reentrant: verify and gc (lorad.upkeep) hold it around the library's own operations.
         self.lock = threading.RLock()
@@ -146,11 +151,30 @@ class Library:
 
     def loras(self) -> list[LoraView]:
         with self.db.read() as s:
-            return [lora_view(s, lora) for lora in repo.all_loras(s)]
+            return [lora_view(s, lora, self._header_ranks) for lora in repo.all_loras(s)]
 
     def lora(self, ref: LoraRef) -> LoraView:
         with self.db.read() as s:
-            return lora_view(s, self._find_lora(s, ref))
+            return lora_view(s, self._find_lora(s, ref), self._header_ranks)
+
+    def tree_entries(self, sha256: str) -> list[tuple[str, str, int]] | None:
+        """(name, blob sha256, mode) of a folder tree's files; None when the blob is no tree."""
+        with self.db.read() as s:
+            blob = s.get(Blob, sha256)
+            return repo.tree_entries(s, sha256) if blob is not None and blob.kind == "tree" else None
+
+    def _header_ranks(self, s: Session, sha256: str) -> tuple[int, ...] | None:
+        """The LoRA module ranks a stored file (or a tree's weights) has, from its header."""
+        blob = s.get(Blob, sha256)
+        if blob is not None and blob.kind == "tree":
+            sha256 = folders.weights_of(s, sha256) or ""
+        try:
+            header = read_header(self.store.path_of(sha256))
+            groups, _ = group_keys(header.tensors)
+        except (LoradError, OSError):
+            return None
+        ranks = [header.tensors[g.roles["down"]].shape for g in groups.values() if {"up", "down"} <= set(g.roles)]
+        return tuple(shape[0] for shape in ranks if shape)
 
     def events(self, lora: LoraRef | None = None, limit: int | None = None) -> list[EventView]:
         with self.db.read() as s:
@@ -248,11 +272,14 @@ class Library:
     def ingest(
         self, path: str | os.PathLike[str], policy: str | None = None, actor: str = "library"
     ) -> LoraView:
-        """Store a watched file as an original (idempotent: a known file changes nothing)."""
+        """Store a watched file (or adapter folder) as an original (idempotent: a known file
+        changes nothing)."""
         with self.lock, self._failure_recorded("ingest", actor, path):
             target, root = self._watched(path)
+            is_folder = target.is_dir() and not target.name.endswith(".safetensors")
             try:
-                check_regular(target)  # a FIFO, device or directory: refused by its mode, unopened
+                if not is_folder:
+                    check_regular(target)  # a FIFO, device or directory: refused by its mode, unopened
             except FileNotFoundError:
                 raise StoreError(f"{target}: no such file") from None
             with self.db.read() as s:
@@ -264,6 +291,8 @@ class Library:
                     self.clear_refusal(path)  # and of the symlink it was found under
                 self._refresh_claims_quietly(lora_id)  # a manager may have written a sidecar since
                 return self.lora(lora_id)
+            if is_folder:
+                return self.lora(folders.ingest(self, target, root, os.path.abspath(path), policy, actor))
             stamp = FileStamp.of_path(target)
             info, record = self.store_file(target)
             _crashpoint("ingest:after-store")
@@ -295,16 +324,24 @@ class Library:
             data_sha256 = file_data_sha256(self.store.path_of(info.sha256), header)
         return info, _blob_record(info.sha256, info.bytes, data_sha256, header, info.blake3)
 
-    def add_variant(self, lora: LoraRef, report: Report, actor: str = "library") -> VariantView:
-        """Store a reduction's output file as a variant of `lora` with its metrics (not activated)."""
+    def add_variant(
+        self, lora: LoraRef, report: Report, actor: str = "library", source: str | None = None
+    ) -> VariantView:
+        """Store a reduction's output file (a folder LoRA's: its output folder) as a variant of
+        `lora` with its metrics (not activated). `source`: the blob (a folder's tree) it was made
+        from, where the report's input, a copy of it, does not name it."""
         with self.lock, self._failure_recorded("add_variant", actor, lora):
             if report.output is None:
                 raise StoreError("the report describes no output file (a plan?); nothing to add")
             out = Path(report.output.path)
             with self.db.read() as s:
-                lora_id = self._find_lora(s, lora).id
-                source = repo.variant_with_blob(s, lora_id, report.input.sha256)
-                if source is None:
+                row = self._find_lora(s, lora)
+                lora_id, kind = row.id, row.kind
+            if kind == "folder":
+                return folders.add_variant(self, lora_id, report, source, actor)
+            with self.db.read() as s:
+                source_row = repo.variant_with_blob(s, lora_id, report.input.sha256)
+                if source_row is None:
                     raise StoreError(
                         f"the reduction's input ({report.input.sha256[:12]}) is not a stored variant "
                         "of this LoRA; not added"
@@ -313,14 +350,15 @@ class Library:
             _crashpoint("add_variant:after-store")
             with self.db.write() as s:
                 row = s.get(Lora, lora_id)
-                assert row is not None
+                src = s.get(Variant, source_row.id)
+                assert row is not None and src is not None
                 variant = repo.variant_with_blob(s, lora_id, info.sha256)
                 if variant is None:
                     repo.ensure_blob(s, record)
-                    variant = repo.add_reduced(s, row, info.sha256, source, report)
+                    variant = repo.add_reduced(s, row, info.sha256, src, report)
                     repo.record_event(s, "reduced", actor, lora_id, variant.id, method=report.method,
                                       param=report.param, sha256=info.sha256, bytes=info.bytes,
-                                      source_variant=source.id,
+                                      source_variant=src.id,
                                       fro_retained_mean=report.fro_retained_mean)  # fmt: skip
                 view = variant_view(variant, info.bytes)
             _crashpoint("add_variant:after-commit")
@@ -347,36 +385,49 @@ class Library:
         with self.lock, self._failure_recorded(op, actor, ref):
             with self.db.read() as s:
                 row = self._find_lora(s, ref)
-                lora_id, path = row.id, Path(row.path)
+                lora_id, path, is_folder = row.id, Path(row.path), row.kind == "folder"
                 wanted = self._variant_of(s, row, choose(row))
             self._watched(path)  # a folder dropped from the config is no longer lorad's to write
-            stamp, current = self._settled_state(lora_id, path, actor)
+            stamp, current = self._settled_state(lora_id, path, actor, is_folder)
             if current != wanted.id:
                 _crashpoint("put:before-materialize")
                 self._materialize(wanted, path, stamp, actor)
-            written = FileStamp.of_path(path)  # what lorad itself just put there
+            written = self._stamp_token(path, is_folder)  # what lorad itself just put there
             with self.db.write() as s:
                 row = s.get(Lora, lora_id)
                 variant = s.get(Variant, wanted.id)
                 assert row is not None and variant is not None
                 repo.set_active(s, row, variant)
-                row.file_stamp = written.token if written else None
+                row.file_stamp = written
                 repo.record_event(s, kind, actor, lora_id, wanted.id, previous_variant=current,
                                   sha256=wanted.blob_sha256, path=str(path))  # fmt: skip
             _crashpoint("put:after-commit")
             log.info(kind, path=shown(path), variant=wanted.id)
             return self.lora(lora_id)
 
-    def _settled_state(self, lora_id: int, path: Path, actor: str) -> tuple[FileStamp, int]:
-        """The watched file's stamp and the variant it holds, after reconciling the records to it.
+    @staticmethod
+    def _stamp_token(path: Path, is_folder: bool) -> str | None:
+        if is_folder:
+            return trees.stamp_of(path)
+        stamp = FileStamp.of_path(path)
+        return stamp.token if stamp else None
+
+    def _settled_state(self, lora_id: int, path: Path, actor: str, is_folder: bool) -> tuple[FileStamp | str, int]:
+        """The watched file's stamp (a folder's: lorad.trees.stamp_of) and the variant it holds,
+        after reconciling the records to it.
 
         Refuses when the file is gone or incomplete, or when it held bytes lorad never stored
         (kept as a new original first: lorad never overwrites what it has not stored).
         """
-        try:
-            stamp = FileStamp.of(os.stat(path))
-        except FileNotFoundError:
-            stamp = None
+        stamp: FileStamp | str | None
+        if is_folder:
+            folder_swap.recover(path, self.swap_area)  # else an interrupted swap reads as "gone"
+            stamp = trees.stamp_of(path)
+        else:
+            try:
+                stamp = FileStamp.of(os.stat(path))
+            except FileNotFoundError:
+                stamp = None
         state = self.reconcile(lora_id, actor)
         if stamp is None or state.kind == "gone":
             raise StoreError(f"{path}: the file is gone; lorad does not recreate removed LoRAs")
@@ -394,9 +445,12 @@ class Library:
         assert state.variant_id is not None
         return stamp, state.variant_id
 
-    def _materialize(self, wanted: Variant, path: Path, stamp: FileStamp, actor: str) -> None:
+    def _materialize(self, wanted: Variant, path: Path, stamp: FileStamp | str, actor: str) -> None:
         try:
-            self.store.materialize(wanted.blob_sha256, path, expect=stamp)
+            if isinstance(stamp, str):
+                folders.put(self, wanted, path, stamp, actor)
+            else:
+                self.store.materialize(wanted.blob_sha256, path, expect=stamp)
         except CorruptBlob as e:
             self.quarantine(e.sha256, actor, wanted.lora_id, wanted.id)
             raise StoreError(

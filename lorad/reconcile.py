@@ -1,6 +1,6 @@
 """Disk and records: what a watched file holds, and the records brought to it.
 
-The file on disk is the truth. A file holding a known variant's bytes makes that variant active; one
+The file on disk is the truth (a folder LoRA's folder: lorad.folders.state). A file holding a known variant's bytes makes that variant active; one
 holding bytes lorad never stored is a new original (stored first, never overwritten); one still
 being written is left for later; one that is no regular file (a FIFO...) or cannot be read is a
 refusal, recorded with its reason and never waited on.
@@ -58,6 +58,10 @@ def file_state(lib: Library, lora_id: int, actor: str, trust_stamp: bool = False
     with lib.db.read() as s:
         row = s.get(Lora, lora_id)
         assert row is not None
+        if row.kind == "folder":
+            from lorad import folders
+
+            return folders.state(lib, lora_id, actor, trust_stamp)
         path, active_id, known_stamp = Path(row.path), row.active_variant_id, row.file_stamp
         active = s.get(Variant, active_id) if active_id is not None else None
         active_sha = active.blob_sha256 if active else None
@@ -74,13 +78,13 @@ def file_state(lib: Library, lora_id: int, actor: str, trust_stamp: bool = False
         return FileState("refused", None, active_id, refusal=refusal)
     token = unchanged_token(path, stamp)
     if sha == active_sha:
-        _record_stamp(lib, lora_id, known_stamp, token)
+        record_stamp(lib, lora_id, known_stamp, token)
         return FileState("in-sync", active_id, active_id, sha)
     with lib.db.read() as s:
         known = repo.variant_with_blob(s, lora_id, sha)
         known_id = known.id if known else None
     if known_id is not None:
-        _record_reconciled(lib, lora_id, active_id, known_id, actor, token)
+        record_reconciled(lib, lora_id, active_id, known_id, actor, token)
         return FileState("reconciled", known_id, active_id, sha)
     if not is_complete(path):
         return FileState("unsettled", None, active_id, sha)  # being written: nothing to adopt yet
@@ -88,7 +92,7 @@ def file_state(lib: Library, lora_id: int, actor: str, trust_stamp: bool = False
     return FileState("new-original", new_id, active_id, sha)
 
 
-def _record_stamp(lib: Library, lora_id: int, old: str | None, new: str | None) -> None:
+def record_stamp(lib: Library, lora_id: int, old: str | None, new: str | None) -> None:
     if new is not None and new != old:
         with lib.db.write() as s:
             row = s.get(Lora, lora_id)
@@ -96,7 +100,7 @@ def _record_stamp(lib: Library, lora_id: int, old: str | None, new: str | None) 
             row.file_stamp = new
 
 
-def _record_reconciled(lib: Library, lora_id: int, old: int | None, new: int, actor: str, token: str | None) -> None:
+def record_reconciled(lib: Library, lora_id: int, old: int | None, new: int, actor: str, token: str | None) -> None:
     with lib.db.write() as s:
         row = s.get(Lora, lora_id)
         assert row is not None

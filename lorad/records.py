@@ -5,6 +5,7 @@ The daemon's control methods and the CLI turn these into JSON and tables.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +16,10 @@ from sqlalchemy.orm import Session
 from lorad.db import repo
 from lorad.db.models import Blob, Event, Lora, Refusal, Variant
 from lorad.hashes import HashHit
+from lorad.reduce.rank_rules import servers_met
+
+# The module ranks of a stored blob (a file's, or a tree's weights), read from its header.
+HeaderRanks = Callable[[Session, str], "tuple[int, ...] | None"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,14 @@ class VariantView:
     fro_retained_min: float | None = None
     params_in: int | None = None
     params_out: int | None = None
+    serve: str | None = None  # the server whose rank rules it was made for (policy `serve`)
+    rank_rule: str | None = None  # the rank rule it was made under, described
+    ranks: tuple[int, ...] | None = None  # its LoRA modules' ranks (None: not known)
+
+    @property
+    def servers(self) -> tuple[str, ...] | None:
+        """The serving hosts whose rank rules it meets as it is (lorad.reduce.rank_rules)."""
+        return None if self.ranks is None else tuple(servers_met(self.ranks))
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,7 @@ class LoraView:
     original_variant_id: int | None
     variants: tuple[VariantView, ...]
     refused: RefusalView | None = None  # its file, as it is now, cannot be read (a FIFO...)
+    kind: str = "file"  # "folder": a PEFT adapter folder, its variants folder trees
 
     def variant(self, variant_id: int | None) -> VariantView | None:
         return next((v for v in self.variants if v.id == variant_id), None)
@@ -141,7 +155,7 @@ class GcPlan:
         return sum(n for _, n in self.blobs) + sum(n for _, n in self.stray)
 
 
-def variant_view(v: Variant, blob_bytes: int) -> VariantView:
+def variant_view(v: Variant, blob_bytes: int, ranks: tuple[int, ...] | None = None) -> VariantView:
     return VariantView(
         id=v.id,
         lora_id=v.lora_id,
@@ -156,14 +170,32 @@ def variant_view(v: Variant, blob_bytes: int) -> VariantView:
         fro_retained_min=v.fro_retained_min,
         params_in=v.params_in,
         params_out=v.params_out,
+        serve=v.serve,
+        rank_rule=v.rank_rule,
+        ranks=ranks,
     )
 
 
-def lora_view(s: Session, lora: Lora) -> LoraView:
+def _ranks(s: Session, v: Variant, rows: list[Variant], header_ranks: HeaderRanks | None) -> tuple[int, ...] | None:
+    """A variant's module ranks: a reduction's from its metrics; an original's from the metrics of
+    a reduction made from it (their rank_in), else from its header."""
+    if v.kind == "reduced":
+        metrics = repo.module_metrics_of(s, v.id)
+        return tuple(m.rank_out for m in metrics if m.rank_out > 0) if metrics else None
+    for child in rows:
+        if child.source_variant_id == v.id and child.kind == "reduced":
+            metrics = repo.module_metrics_of(s, child.id)
+            if metrics:
+                return tuple(m.rank_in for m in metrics if m.rank_in > 0)
+    return header_ranks(s, v.blob_sha256) if header_ranks is not None else None
+
+
+def lora_view(s: Session, lora: Lora, header_ranks: HeaderRanks | None = None) -> LoraView:
     variants = []
-    for v in repo.variants_of(s, lora.id):
+    rows = list(repo.variants_of(s, lora.id))
+    for v in rows:
         blob = s.get(Blob, v.blob_sha256)
-        variants.append(variant_view(v, blob.bytes if blob else 0))
+        variants.append(variant_view(v, blob.bytes if blob else 0, _ranks(s, v, rows, header_ranks)))
     refusal = repo.refusal_at(s, lora.path)
     return LoraView(
         id=lora.id,
@@ -174,6 +206,7 @@ def lora_view(s: Session, lora: Lora) -> LoraView:
         original_variant_id=lora.original_variant_id,
         variants=tuple(variants),
         refused=refusal_view(s, refusal, lora.id) if refusal is not None else None,
+        kind=lora.kind,
     )
 
 

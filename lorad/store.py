@@ -6,7 +6,8 @@ Layout under the state directory:
   bad/                      blobs that failed a re-hash, kept for inspection (never reused)
 
 Ingest hashes while copying into tmp/ (sha256, the data section's sha256 and BLAKE3, in the one
-read), fsyncs, then renames into objects/. Materialising a blob at a watched path writes
+read), fsyncs, then renames into objects/. A folder (a PEFT adapter) is stored as its files' blobs
+plus its tree manifest (lorad.trees), itself a blob named by the sha256 of its bytes. Materialising a blob at a watched path writes
 `.<name>.lorad-tmp` beside it (loaders list neither dot-files nor names without the .safetensors
 suffix), fsyncs, renames over the target and fsyncs the folder, so a reader sees the old file or
 the new one. The bytes are verified on the way: a corrupt blob never
@@ -262,6 +263,54 @@ class Store:
             raise _refusal(e, f"cannot store {src}: {_why(e)}; nothing was stored") from e
         finally:
             _remove_quietly(tmp)
+
+    def ingest_bytes(self, data: bytes) -> BlobInfo:
+        """Store bytes held in memory (a tree manifest) as a blob; complete or absent."""
+        hasher = _Hasher(None, with_blake3=True)
+        hasher.update(data)
+        info = hasher.info()
+        if self.is_intact(info.sha256):
+            return info
+        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix="ingest-")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb", buffering=0) as out:
+                view = memoryview(data)
+                while view:
+                    view = view[out.write(view) :]
+                os.fsync(out.fileno())
+                if self.gid is not None:
+                    with contextlib.suppress(PermissionError):
+                        os.fchown(out.fileno(), -1, self.gid)
+                os.fchmod(out.fileno(), self.blob_mode)
+            self._place(tmp, info.sha256)
+            return info
+        except OSError as e:
+            raise _refusal(e, f"cannot store a tree manifest: {_why(e)}; nothing was stored") from e
+        finally:
+            _remove_quietly(tmp)
+
+    def read_blob(self, sha256: str, limit: int = 16 << 20) -> bytes:
+        """A small blob's bytes (a tree manifest), checked against its name."""
+        try:
+            with open_regular(self.path_of(sha256)) as f:
+                data = f.read(limit + 1)
+        except FileNotFoundError:
+            raise StoreError(f"blob {sha256[:12]} is missing from the store") from None
+        if len(data) > limit or hashlib.sha256(data).hexdigest() != sha256:
+            raise CorruptBlob(sha256, f"blob {sha256[:12]} is corrupt (its bytes no longer match)")
+        return data
+
+    def write_out(self, sha256: str, dest: Path, mode: int, owner: tuple[int, int] | None = None) -> None:
+        """Create `dest` (which must not exist) holding the blob's bytes, checked on the way, with
+        `mode` (hardlink mode shares the blob's inode, and so its mode), fsynced."""
+        blob = self.path_of(sha256)
+        if not blob.is_file():
+            raise StoreError(f"blob {sha256[:12]} is missing from the store ({blob})")
+        if self.link_mode == "hardlink":
+            self._link_verified(blob, sha256, dest)
+            return
+        self._clone_or_copy_verified(blob, sha256, dest, mode, owner)
 
     def _copy_in(self, src: Path, out_fd: int, data_offset: int | None) -> BlobInfo:
         hasher = _Hasher(data_offset, with_blake3=True)

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from sqlalchemy.orm import Session
 
-from lorad._atomic import temp_name
+from lorad import folders, trees
+from lorad._atomic import remove_tree, temp_name
 from lorad.db import repo
 from lorad.db.models import Blob, Lora, utcnow
-from lorad.errors import LoradError, StoreError
+from lorad.errors import FormatError, LoradError, StoreError
 from lorad.pathtext import shown
 from lorad.records import GcPlan, Reconciled, VerifyReport
 from lorad.store import _crashpoint
@@ -57,6 +58,7 @@ def verify(lib: Library, actor: str = "verify", stale_after: timedelta = timedel
         for lora_id in lora_ids:
             _verify_lora(lib, lora_id, tally, actor, stale_after)
         tally.temp_removed.extend(_remove_stale(lib.store.temp_files(), stale_after))
+        tally.temp_removed.extend(_clean_swap_area(lib, stale_after))
         with lib.db.read() as s:
             recorded = {b.sha256 for b in repo.all_blobs(s)}
         stray = tuple(sha for sha in lib.store.blobs() if sha not in recorded)
@@ -115,10 +117,14 @@ def _verify_lora(lib: Library, lora_id: int, tally: _VerifyTally, actor: str, st
     with lib.db.read() as s:
         row = s.get(Lora, lora_id)
         assert row is not None
-        path = Path(row.path)
-    tally.temp_removed.extend(_remove_stale([temp_name(path)], stale_after))
+        path, is_folder = Path(row.path), row.kind == "folder"
+    if not is_folder:
+        tally.temp_removed.extend(_remove_stale([temp_name(path)], stale_after))
     try:
-        state = lib.reconcile(lora_id, actor)
+        state = lib.reconcile(lora_id, actor)  # a folder's: puts back one an interrupted swap moved aside
+        if is_folder:
+            cutoff = utcnow().timestamp() - stale_after.total_seconds()
+            tally.temp_removed.extend(folders.clean_leftovers(lib, lora_id, path, cutoff))
     except LoradError as e:
         log.warning("verify could not reconcile", path=shown(path), error=shown(str(e)))
         tally.unsettled.append(path)
@@ -140,7 +146,9 @@ def _verify_lora(lib: Library, lora_id: int, tally: _VerifyTally, actor: str, st
             Reconciled(lora_id, path, state.previous, state.variant_id, state.kind == "new-original")
         )
     lost = (set(tally.corrupt) | set(tally.missing)) - set(tally.repaired)
-    if state.sha256 in lost:
+    if is_folder and state.kind not in ("gone", "refused"):
+        tally.repaired.extend(folders.repair_from(lib, path, lost))
+    elif state.sha256 in lost:
         _repair_from(lib, path, state.sha256, tally)
 
 
@@ -152,6 +160,29 @@ def _repair_from(lib: Library, path: Path, sha256: str, tally: _VerifyTally) -> 
         log.warning("repair failed", path=shown(path), error=shown(str(e)))
         return
     tally.repaired.append(sha256)
+
+
+def _clean_swap_area(lib: Library, stale_after: timedelta) -> list[Path]:
+    """Folders an interrupted swap left in the swap area that no LoRA's leftovers account for:
+    removed once stale when they hold a tree the store has (a built copy), else kept and said."""
+    removed = []
+    cutoff = utcnow().timestamp() - stale_after.total_seconds()
+    for item in sorted(lib.swap_area.iterdir()):
+        try:
+            if item.lstat().st_mtime > cutoff:
+                continue
+            sha, _ = trees.hash_folder(item) if item.is_dir() and not item.is_symlink() else ("", [])
+        except (OSError, FormatError) as e:
+            log.warning("left an unreadable folder in the swap area", path=shown(item), error=shown(str(e)))
+            continue
+        with lib.db.read() as s:
+            known = not sha or s.get(Blob, sha) is not None
+        if not known:
+            log.warning("left a folder lorad never stored in the swap area", path=shown(item), tree=sha)
+            continue
+        remove_tree(item)
+        removed.append(item)
+    return removed
 
 
 def _remove_stale(paths: Sequence[Path], stale_after: timedelta) -> list[Path]:
@@ -239,9 +270,12 @@ def _gc_plan(lib: Library, s: Session, keep: _KeepRule, cutoff: datetime) -> GcP
         doomed += [
             v.id for v in reduced[keep.count(row.policy) :] if v.id not in protected and v.created_at < cutoff
         ]
-    still_used = repo.blobs_of_variants(s, excluding=doomed) | repo.live_job_blobs(s)
+    still_used = repo.blobs_of_variants(s, excluding=doomed) | repo.live_job_blobs(s)  # a live tree's files too
     recorded = repo.all_blobs(s)
-    blobs = tuple((b.sha256, b.bytes) for b in recorded if b.sha256 not in still_used and b.created_at < cutoff)
+    # A tree that stays (inside its grace period, say) keeps its files, whatever names it.
+    staying = {b.sha256 for b in recorded if b.kind == "tree" and (b.sha256 in still_used or b.created_at >= cutoff)}
+    still_used |= repo.with_entries(s, staying)
+    blobs = tuple((b.sha256, _stored_size(lib, b)) for b in recorded if b.sha256 not in still_used and b.created_at < cutoff)
     known = {b.sha256 for b in recorded}
     stray = tuple(
         (sha, size)
@@ -249,6 +283,17 @@ def _gc_plan(lib: Library, s: Session, keep: _KeepRule, cutoff: datetime) -> GcP
         if sha not in known | still_used and (size := _old_size(lib, sha, cutoff)) is not None
     )
     return GcPlan(tuple(doomed), blobs, stray)
+
+
+def _stored_size(lib: Library, blob: Blob) -> int:
+    """What removing a blob frees: a tree's record counts its files (removed as blobs of their
+    own), its manifest is all it holds."""
+    if blob.kind != "tree":
+        return blob.bytes
+    try:
+        return lib.store.path_of(blob.sha256).stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _old_size(lib: Library, sha256: str, cutoff: datetime) -> int | None:

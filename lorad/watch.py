@@ -1,5 +1,10 @@
 """Watching folders: events are hints, scans are truth, and a file is taken only once settled.
 
+Candidates are `.safetensors` files and PEFT adapter folders (adapter_config.json +
+adapter_model.safetensors; lorad.adapter_folder), each folder one LoRA: an event on any file in
+such a folder (or on either PEFT file, whichever arrives first) is a hint for the folder, and a
+`.safetensors` file inside it is never a candidate of its own.
+
 A candidate `.safetensors` file is handed on (`on_settled`) only when all of these hold:
   - a close-write or moved-to event, a poll or a scan saw it (a "created" event alone does not
     count: it fires when writing starts);
@@ -9,6 +14,10 @@ A candidate `.safetensors` file is handed on (`on_settled`) only when all of the
   - it is a regular file (stat first: a FIFO, socket, device or directory is never opened), inside
     the watched folders once symlinks are followed, readable, and its safetensors header parses
     with the data length matching the file size.
+A folder is handed on when its signature (every entry's size, mtime and inode) stayed unchanged for
+`settle_seconds`, no download marker lies in it or beside it, it is complete and consistent
+(lorad.adapter_folder.refusal) and, looked at once more in a short-lived process, open_lora reads
+it. A folder copied file by file is refused as incomplete until the copy is done.
 A file that fails one of the last rules is refused (lorad.refusals): its cause is logged once per
 path and cause and handed to `on_refused` (the daemon records it for `lorad list`), and it is
 left alone until its (size, mtime, inode) change or a reconcile scan looks again: a rescan
@@ -22,6 +31,7 @@ request (the schedule, `lorad rescan`). Folders on network filesystems are polle
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import stat
@@ -47,6 +57,8 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from lorad import adapter_folder
+from lorad._atomic import is_temp_name
 from lorad.config import WatchDir
 from lorad.errors import LoradError, TransientError
 from lorad.log import get_logger
@@ -70,19 +82,59 @@ class Signature:
     size: int
     mtime_ns: int
     inode: int
+    entries: int = 0  # a folder's: a digest of its entries' names, sizes, mtimes and inodes
 
 
 def signature(path: Path) -> Signature | None:
     try:
         st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            return _folder_signature(path, st)
     except OSError:
         return None
     return Signature(st.st_size, st.st_mtime_ns, st.st_ino)
 
 
+def _folder_signature(path: Path, st: os.stat_result) -> Signature:
+    h = hashlib.sha256()
+    total, latest = 0, st.st_mtime_ns
+    for item in sorted(os.scandir(path), key=lambda d: os.fsencode(d.name)):
+        est = item.stat(follow_symlinks=False)
+        h.update(os.fsencode(item.name) + f"\0{est.st_ino}:{est.st_size}:{est.st_mtime_ns}:{est.st_mode:o}\n".encode())
+        total += est.st_size
+        latest = max(latest, est.st_mtime_ns)
+    return Signature(total, latest, st.st_ino, int(h.hexdigest()[:15], 16))
+
+
 def is_candidate(path: Path) -> bool:
     """A LoRA file we might take: `*.safetensors`, not hidden (temp names of lorad and others)."""
     return path.name.endswith(LORA_SUFFIX) and not path.name.startswith(".")
+
+
+def is_adapter_candidate(path: Path) -> bool:
+    """A folder that is (or is becoming) a PEFT adapter folder, not hidden."""
+    name = path.name
+    return (not name.startswith(".") and not name.endswith(LORA_SUFFIX) and os.path.isdir(path)
+            and adapter_folder.looks_like_adapter(path))  # fmt: skip
+
+
+def _peft_file(name: str) -> bool:
+    """Either PEFT file, or a download of one in progress (adapter_model.safetensors.part)."""
+    return any(name == n or name.startswith(n + ".") for n in adapter_folder.PEFT_NAMES)
+
+
+def candidate_for(path: Path) -> Path | None:
+    """What a hint about `path` is a hint for: the adapter folder a file belongs to (any file in a
+    folder with adapter_config.json, or either PEFT file, whichever came first), an adapter folder
+    itself, a `.safetensors` file, or nothing."""
+    parent = path.parent
+    if is_temp_name(path) or is_temp_name(parent):
+        return None  # lorad's own folders, being built or retired
+    if _peft_file(path.name) or os.path.lexists(parent / adapter_folder.CONFIG):
+        return None if parent.name.startswith(".") else parent
+    if is_adapter_candidate(path):
+        return path
+    return path if is_candidate(path) else None
 
 
 def partial_siblings(path: Path) -> list[Path]:
@@ -120,19 +172,34 @@ def should_poll(watch: WatchDir, fstype: str | None) -> bool:
 
 
 def scan_folder(watch: WatchDir) -> Iterator[Path]:
-    """Every candidate name under a watched folder (recursively when configured), whatever it is:
-    a FIFO or a directory named *.safetensors is yielded too, to be refused with its reason."""
+    """Every candidate under a watched folder (recursively when configured), whatever it is: a
+    FIFO or a directory named *.safetensors is yielded too, to be refused with its reason. An
+    adapter folder is yielded as one candidate; the files in it are not."""
     if not watch.path.is_dir():
         return
+    seen: set[Path] = set()
+
+    def fresh(path: Path | None) -> bool:
+        if path is None or path in seen:
+            return False
+        seen.add(path)
+        return True
+
     if not watch.recursive:
-        yield from sorted(p for p in watch.path.iterdir() if is_candidate(p))
+        for p in sorted(watch.path.iterdir()):
+            target = candidate_for(p)
+            if fresh(target):
+                yield target  # type: ignore[misc]
         return
     for root, dirs, files in os.walk(watch.path):
+        here = Path(root)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files + [d for d in dirs if d.endswith(LORA_SUFFIX)]):
-            path = Path(root) / name
-            if is_candidate(path):
-                yield path
+        adapters = [d for d in dirs if is_adapter_candidate(here / d)]
+        dirs[:] = [d for d in dirs if d not in adapters]  # its files are the folder's, never LoRAs alone
+        for name in sorted(files + [d for d in dirs if d.endswith(LORA_SUFFIX)] + adapters):
+            target = candidate_for(here / name)
+            if fresh(target):
+                yield target  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,21 +233,29 @@ class Settler:
         self,
         settle_seconds: float,
         clock: Callable[[], float] = time.monotonic,
-        examine: Callable[[Path], Refusal | None] = examine,
+        examine: Callable[[Path], Refusal | str | None] = examine,
+        skip: Callable[[Path, Signature], bool] = lambda _p, _s: False,
     ) -> None:
+        """examine: a settled candidate's verdict (None, a Refusal, or "wait"); skip: candidates
+        to drop unexamined as they are now (lorad's own writes: an adapter folder's examination
+        starts a process)."""
         self.settle_seconds = settle_seconds
         self._clock = clock
         self._examine = examine
+        self._skip = skip
         self._candidates: dict[Path, _Candidate] = {}
         self._rejected: dict[Path, Signature] = {}  # refused as last seen
         self._refused: list[Refused] = []
         self._lock = threading.Lock()
 
     def hint(self, path: Path, confirmed: bool, recheck: bool = False) -> None:
-        """An event or scan saw `path`; any hint restarts its quiet period. A file refused as it
-        is now is left alone, unless `recheck` (a reconcile scan) asks to look at it again."""
-        if not is_candidate(path):
+        """An event or scan saw `path` (a hint for the candidate it belongs to: lorad.watch.
+        candidate_for); any hint restarts its quiet period. A candidate refused as it is now is
+        left alone, unless `recheck` (a reconcile scan) asks to look at it again."""
+        target = candidate_for(path)
+        if target is None:
             return
+        path = target
         sig = signature(path)
         with self._lock:
             now = self._clock()
@@ -230,7 +305,8 @@ class Settler:
     def due(self) -> list[tuple[Path, Signature]]:
         """The candidates that settled since the last call, each with the signature it settled at."""
         ready = self._quiet()
-        verdicts = [(path, sig, hints, self._judge(path, sig)) for path, sig, hints in ready]
+        verdicts = [(path, sig, hints, "skip" if self._skip(path, sig) else self._judge(path, sig))
+                    for path, sig, hints in ready]  # fmt: skip
         settled: list[tuple[Path, Signature]] = []
         with self._lock:
             now = self._clock()
@@ -242,6 +318,8 @@ class Settler:
                     cand.quiet_since = now
                     continue
                 del self._candidates[path]
+                if verdict == "skip":
+                    continue
                 if verdict is None:
                     self._rejected.pop(path, None)
                     settled.append((path, sig))
@@ -272,7 +350,7 @@ class Settler:
         if partial_siblings(path):
             return "wait"
         try:
-            refusal = self._examine(path)
+            refusal: Refusal | str | None = self._examine(path)
         except FileNotFoundError:
             return "gone"
         except OSError as e:
@@ -307,7 +385,7 @@ class _Handler(FileSystemEventHandler):
         elif isinstance(event, FileMovedEvent):
             # Full events: a move in from outside has no source, a move out has no destination.
             if event.src_path:
-                watcher.forget(src)
+                watcher.left(src)
             if event.dest_path:
                 settler.hint(Path(os.fsdecode(event.dest_path)), confirmed=True)
         elif isinstance(event, FileCreatedEvent):
@@ -316,13 +394,27 @@ class _Handler(FileSystemEventHandler):
             settler.hint(src, confirmed=self._polling or not _plain_file(src))
         elif isinstance(event, FileModifiedEvent):
             settler.hint(src, confirmed=self._polling)
-        elif isinstance(event, (FileDeletedEvent, DirDeletedEvent)):
+        elif isinstance(event, FileDeletedEvent):
+            watcher.left(src)
+        elif isinstance(event, DirDeletedEvent):
             watcher.forget(src)
         elif isinstance(event, (DirCreatedEvent, DirMovedEvent)):
             # Files can land in a new folder before its watch exists (watchdog#990): scan it.
             folder = Path(os.fsdecode(getattr(event, "dest_path", "") or event.src_path))
-            settler.hint(folder, confirmed=True)  # a folder named *.safetensors: refused, said once
+            # An adapter folder, or one named *.safetensors (refused, said once)...
+            settler.hint(folder, confirmed=True)
             watcher.scan_path(folder)
+
+
+def examine_candidate(path: Path, roots: Sequence[Path] = ()) -> Refusal | str | None:
+    """A settled candidate's verdict: a file's (lorad.refusals.examine), or an adapter folder's
+    (lorad.adapter_folder: the cheap checks, then open_lora in a short-lived process)."""
+    if is_adapter_candidate(path):
+        verdict = adapter_folder.refusal(path, roots)
+        if verdict is None:
+            verdict = adapter_folder.open_lora_refusal(path)
+        return verdict
+    return examine(path, roots)
 
 
 def _plain_file(path: Path) -> bool:
@@ -372,7 +464,8 @@ class Watcher:
         found exactly these candidate paths (refusals of any other path are stale)."""
         self.dirs = tuple(dirs)
         roots = tuple(Path(os.path.realpath(w.path)) for w in self.dirs)
-        self.settler = Settler(settle_seconds, examine=lambda p: examine(p, roots))
+        self.settler = Settler(settle_seconds, examine=lambda p: examine_candidate(p, roots),
+                               skip=lambda p, s: ignore(p, s))  # fmt: skip
         self.poll_seconds = poll_seconds
         self._on_settled = on_settled
         self._on_refused = on_refused
@@ -418,6 +511,15 @@ class Watcher:
     def request_reconcile(self, reason: str) -> None:
         log.info("reconcile scan requested", reason=reason)
         self._reconcile.set()
+
+    def left(self, path: Path) -> None:
+        """A file was deleted or moved away: if it was part of an adapter folder, the folder
+        changed; else the file is gone."""
+        target = candidate_for(path)
+        if target is not None and target != path:
+            self.settler.hint(target, confirmed=True)  # nothing else will confirm a removal
+        else:
+            self.forget(path)
 
     def forget(self, path: Path) -> None:
         """The path was deleted or moved away."""

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from lorad import errors
-from lorad._atomic import temp_name
+from lorad._atomic import remove_tree, temp_name
 from lorad._reduce_child import MODULE_DELAY_ENV, THREAD_ENV, decode_report
 from lorad.config import Config, GpuBusy, Policy
 from lorad.db import repo
@@ -122,7 +122,8 @@ def decide(policy: Policy, bytes_in: int, bytes_out: int, fro_retained: float | 
 def settings_for(policy: Policy, device: str) -> dict[str, Any]:
     """The engine's ReduceSettings as plain data for the reduction process."""
     return {"method": policy.method, "param": policy.param, "max_rank": policy.max_rank,
-            "budget_mb": policy.budget_mb, "device": device, "kohya_compat": policy.kohya_compat}  # fmt: skip
+            "budget_mb": policy.budget_mb, "device": device, "kohya_compat": policy.kohya_compat,
+            "rank_multiple": policy.rank_multiple, "uniform": policy.uniform, "serve": policy.serve}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +236,11 @@ class ReductionProcess:
 
 
 class Runner:
-    """Does one job: reduction process -> library.add_variant -> decision -> library.activate."""
+    """Does one job: reduction process -> library.add_variant -> decision -> library.activate.
+
+    An adapter folder's job names its original tree: the child copies the tree's files out of the
+    store into a folder in the work area and reduces that into an output folder there, which the
+    library stores as a new tree."""
 
     def __init__(self, library, config: Config, work_dir: Path, device: str,  # type: ignore[no-untyped-def]
                  on_written: Callable[[Path], None] = lambda _p: None) -> None:  # fmt: skip
@@ -245,9 +250,12 @@ class Runner:
         self.device = device
         self._on_written = on_written
         work_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in work_dir.iterdir():  # folders a killed run was working in; nothing refers to them
+            if leftover.is_dir() and not leftover.is_symlink():
+                remove_tree(leftover)
 
-    def spec(self, policy: Policy, src: Path, dst: Path) -> dict[str, Any]:
-        return {"src": str(src), "dst": str(dst), "settings": settings_for(policy, self.device),
+    def spec(self, policy: Policy, src: Path, dst: Path, tree: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"src": str(src), "dst": str(dst), "settings": settings_for(policy, self.device), "tree": tree,
                 "threads": self.config.cpu_threads, "nice": self.config.nice, "io_idle": self.config.io_idle}  # fmt: skip
 
     def __call__(self, job: JobView, progress: Callable[[int, int], None]) -> int:
@@ -256,15 +264,23 @@ class Runner:
             raise PolicyMissing(f"policy {job.policy!r} is no longer in the config")
         if job.lora_id is None:
             raise PolicyMissing("the LoRA this job was for is no longer recorded")
-        src = self.library.store.path_of(job.blob_sha256)
-        dst = self.work_dir / f"job-{job.id}-{job.blob_sha256[:12]}.safetensors"
-        child = ReductionProcess(self.spec(policy, src, dst), self.config.cpu_threads, f"job-{job.id}")
+        entries = self.library.tree_entries(job.blob_sha256)
+        name = f"job-{job.id}-{job.blob_sha256[:12]}"
+        tree = None
+        if entries is None:
+            src, dst = self.library.store.path_of(job.blob_sha256), self.work_dir / f"{name}.safetensors"
+        else:
+            src, dst = self.work_dir / f"{name}-in", self.work_dir / f"{name}-out"
+            tree = {"objects": str(self.library.store.objects), "entries": [list(e) for e in entries]}
+            for leftover in (src, dst, temp_name(dst)):
+                remove_tree(leftover)  # an earlier attempt's, killed
+        child = ReductionProcess(self.spec(policy, src, dst, tree), self.config.cpu_threads, f"job-{job.id}")
         try:
             report = child.run(progress)
-            variant = self.library.add_variant(job.lora_id, report, actor="worker")
+            variant = self.library.add_variant(job.lora_id, report, actor="worker", source=job.blob_sha256)
         finally:
-            dst.unlink(missing_ok=True)
-            temp_name(dst).unlink(missing_ok=True)  # what a killed child was writing
+            for made in (dst, temp_name(dst), *([src] if tree is not None else [])):
+                remove_tree(made)  # what the child made (or was writing when killed)
         decision = decide(policy, report.input.bytes, report.output.bytes, report.fro_retained_file)
         decision = self._apply(job, policy, variant.id, decision)
         self._record(job, policy, variant.id, decision, report)

@@ -18,13 +18,24 @@ def variant_json(v: Any, active_id: int | None) -> dict[str, Any]:
         "sha256": v.blob_sha256,
         "source_variant": v.source_variant_id,
         "created_at": v.created_at.isoformat() if v.created_at else None,
+        "ranks": _rank_span(v.ranks),
+        "serve": v.serve,
+        "rank_rule": v.rank_rule,
+        "servers": list(v.servers) if v.servers is not None else None,  # None: ranks unknown
     }
+
+
+def _rank_span(ranks: Any) -> dict[str, Any] | None:
+    if not ranks:
+        return None
+    return {"min": min(ranks), "max": max(ranks), "modules": len(ranks), "uniform": len(set(ranks)) == 1}
 
 
 def lora_json(lora: Any) -> dict[str, Any]:
     original, active = lora.original, lora.active
     return {
         "id": lora.id,
+        "kind": lora.kind,
         "path": str(lora.path),
         "folder": str(lora.folder),
         "policy": lora.policy,
@@ -46,6 +57,7 @@ def refused_path_json(r: Any, folder: Any, policy: str | None) -> dict[str, Any]
     like a LoRA's (no id, no variants) with the refusal."""
     return {
         "id": None,
+        "kind": None,
         "path": str(r.path),
         "folder": str(folder),
         "policy": policy,

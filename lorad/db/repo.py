@@ -14,7 +14,18 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from lorad.db.models import Blob, ClaimedHash, Event, Job, Lora, ModuleMetric, Refusal, Variant, utcnow
+from lorad.db.models import (
+    Blob,
+    ClaimedHash,
+    Event,
+    Job,
+    Lora,
+    ModuleMetric,
+    Refusal,
+    TreeEntry,
+    Variant,
+    utcnow,
+)
 from lorad.hashes import HashHit, Query, blob_kind
 from lorad.report import Report
 
@@ -31,6 +42,7 @@ class BlobRecord:
     sshs_model_hash: str | None
     sshs_legacy_hash: str | None
     blake3: str | None = None
+    kind: str = "file"  # "tree": a folder's manifest, its entries in tree_entries
 
 
 # -- loras -----------------------------------------------------------------------------------------
@@ -44,8 +56,8 @@ def all_loras(s: Session) -> Sequence[Lora]:
     return s.scalars(select(Lora).order_by(Lora.id)).all()
 
 
-def add_lora(s: Session, path: str, folder: str, policy: str | None) -> Lora:
-    lora = Lora(path=path, folder=folder, policy=policy)
+def add_lora(s: Session, path: str, folder: str, policy: str | None, kind: str = "file") -> Lora:
+    lora = Lora(path=path, folder=folder, policy=policy, kind=kind)
     s.add(lora)
     s.flush()
     return lora
@@ -78,6 +90,7 @@ def ensure_blob(s: Session, record: BlobRecord) -> Blob:
             sshs_model_hash=record.sshs_model_hash,
             sshs_legacy_hash=record.sshs_legacy_hash,
             blake3=record.blake3,
+            kind=record.kind,
         )
         s.add(blob)
         s.flush()
@@ -159,20 +172,50 @@ def add_claims(s: Session, lora_id: int, claims: Iterable[tuple[str, str, str]])
 
 
 def live_job_blobs(s: Session) -> set[str]:
-    """Blobs a pending or running job is about to read."""
-    return set(s.scalars(select(Job.blob_sha256).where(Job.state.in_(("pending", "running")))))
+    """Blobs a pending or running job is about to read (a tree's entries too)."""
+    return with_entries(s, set(s.scalars(select(Job.blob_sha256).where(Job.state.in_(("pending", "running"))))))
 
 
 def blobs_of_variants(s: Session, excluding: Iterable[int] = ()) -> set[str]:
+    """The blobs variants name, and the entries of those that are trees."""
     query = select(Variant.blob_sha256)
     excluded = list(excluding)
     if excluded:
         query = query.where(Variant.id.not_in(excluded))
-    return set(s.scalars(query))
+    return with_entries(s, set(s.scalars(query)))
 
 
 def variants_with_blob(s: Session, sha256: str) -> Sequence[Variant]:
-    return s.scalars(select(Variant).where(Variant.blob_sha256 == sha256).order_by(Variant.id)).all()
+    """Variants whose bytes are this blob, or whose folder holds it as one of its files."""
+    trees = select(TreeEntry.tree_sha256).where(TreeEntry.blob_sha256 == sha256)
+    query = select(Variant).where(or_(Variant.blob_sha256 == sha256, Variant.blob_sha256.in_(trees)))
+    return s.scalars(query.order_by(Variant.id)).all()
+
+
+# -- trees (folder blobs) --------------------------------------------------------------------------
+
+
+def add_tree_entries(s: Session, tree_sha256: str, entries: Iterable[tuple[str, str, int]]) -> None:
+    """Record a tree's (name, blob sha256, mode) entries, once (a known tree keeps its rows)."""
+    if s.scalar(select(func.count()).select_from(TreeEntry).where(TreeEntry.tree_sha256 == tree_sha256)):
+        return
+    s.add_all(TreeEntry(tree_sha256=tree_sha256, name=name, blob_sha256=sha, mode=mode) for name, sha, mode in entries)
+    s.flush()
+
+
+def tree_entries(s: Session, tree_sha256: str) -> list[tuple[str, str, int]]:
+    """(name, blob sha256, mode) of a tree's entries, by name."""
+    rows = s.execute(select(TreeEntry.name, TreeEntry.blob_sha256, TreeEntry.mode)
+                     .where(TreeEntry.tree_sha256 == tree_sha256).order_by(TreeEntry.name))  # fmt: skip
+    return [(name, sha, mode) for name, sha, mode in rows]
+
+
+def with_entries(s: Session, shas: set[str]) -> set[str]:
+    """`shas` and every entry of those that are trees: what a live tree keeps alive."""
+    if not shas:
+        return shas
+    entries = set(s.scalars(select(TreeEntry.blob_sha256).where(TreeEntry.tree_sha256.in_(list(shas)))))
+    return shas | entries
 
 
 # -- variants --------------------------------------------------------------------------------------
@@ -260,7 +303,12 @@ def delete_variants(s: Session, variant_ids: Iterable[int]) -> None:
 
 
 def delete_blob_rows(s: Session, sha256s: Iterable[str]) -> None:
-    for blob in s.scalars(select(Blob).where(Blob.sha256.in_(list(sha256s)))).all():
+    doomed = list(sha256s)
+    # A tree's entry rows go with it (they name the tree); entries' own blobs are separate rows.
+    for entry in s.scalars(select(TreeEntry).where(TreeEntry.tree_sha256.in_(doomed))).all():
+        s.delete(entry)
+    s.flush()
+    for blob in s.scalars(select(Blob).where(Blob.sha256.in_(doomed))).all():
         s.delete(blob)
     s.flush()
 
