@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 
+from lorad.worker import MODULE_DELAY_ENV
 from tests._daemon_fixtures import (
     Daemon,
     cli,
@@ -38,14 +39,22 @@ FOLDER_POLICY = """\
     param: 2
     min_saving: 0.2
     activate: auto
+  vllm:
+    method: rank
+    param: 2
+    serve: vllm
+    min_saving: 0.2
+    activate: auto
 """
 
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[tuple[Path, Daemon]]:
-    watch = f"  - path: {tmp_path / 'adapters'}\n    policy: folders\n"
+    watch = (f"  - path: {tmp_path / 'adapters'}\n    policy: folders\n"
+             f"  - path: {tmp_path / 'served'}\n    policy: vllm\n")  # fmt: skip
     config = write_config(tmp_path, extra_policies=FOLDER_POLICY, watch_extra=watch)
     (tmp_path / "adapters").mkdir()
+    (tmp_path / "served").mkdir()
     daemon = Daemon(config, tmp_path / "daemon.log")
     yield tmp_path, daemon
     if daemon.proc is not None and daemon.proc.poll() is None:
@@ -155,3 +164,37 @@ def test_weights_without_a_config_are_refused_as_incomplete_and_never_reduced(ri
     wait_for(lambda: active_kind(config, loose) == "reduced", 120, 0.2, "the completed folder reduced")
     assert config_of(loose)["r"] == 2
     assert cli(config, "status").returncode == 0
+
+
+def test_a_folder_for_vllm_gets_one_served_rank_and_survives_a_sigkill_mid_job(rig: tuple[Path, Daemon]) -> None:
+    """policy `serve: vllm`: every module at the smallest rank vLLM accepts that holds what the
+    method asks (rank 2 -> 8, zero-padded); `lorad list` says which servers it meets. A SIGKILL
+    mid-job leaves the folder as it was, and the restarted daemon redoes the job."""
+    tmp, daemon = rig
+    config = daemon.config
+    daemon.env[MODULE_DELAY_ENV] = "1.0"  # 4 modules: a job of seconds, long enough to kill
+    daemon.start()
+    folder = make_adapter(tmp / "served" / "assistant", seed=3, rank=32)
+    before = tree_of(folder)
+    expected = peft_deltas(folder)
+    wait_for(lambda: any(e.get("event") == "job started" for e in daemon.log_events()), 60, 0.1, "the job")
+    daemon.stop(signal.SIGKILL)
+    assert tree_of(folder) == before  # nothing half-swapped
+    daemon.env.pop(MODULE_DELAY_ENV)
+    daemon.start()
+    wait_for(lambda: active_kind(config, folder) == "reduced", 120, 0.2, "the killed job, redone")
+    lora = by_path(config)[str(folder)]
+    variant = active(lora)
+    assert [v["kind"] for v in lora["variants"]] == ["original", "reduced"]
+    assert variant["serve"] == "vllm" and "vllm" in variant["servers"]
+    assert variant["ranks"] == {"min": 8, "max": 8, "modules": 4, "uniform": True}
+    assert config_of(folder)["r"] == 8 and not config_of(folder)["rank_pattern"]
+    assert_same_strength(folder, expected)
+    shown = cli(config, "show", str(folder)).stdout
+    assert "adapter folder" in shown and "made for vllm" in shown
+    listed = cli(config, "list").stdout
+    assert f"{folder}/" in listed and "vllm" in listed
+    assert [(j["state"], j["attempts"]) for j in cli_json(config, "show", str(folder))["jobs"]] == [("done", 2)]
+    work = tmp / "state" / "work"
+    assert [p for p in work.iterdir() if p.is_dir()] == []  # the killed job's folders, cleaned
+    assert cli_json(config, "verify")["ok"] is True
