@@ -177,6 +177,8 @@ def render_show(x: dict[str, Any]) -> str:
         return f"{x['path']}: refused since {refused['since']}: {refused['cause']}: {refused['reason']}"
     kind = ", adapter folder" if x.get("kind") == "folder" else ""
     lines = [f"{x['path']}  (id {x['id']}, policy {x['policy']}{kind})", "", render_variants(x)]
+    if x.get("mirror"):
+        lines[1:1] = [f"mirrored to {x['mirror']}: the active variant is there; the path keeps the original"]
     ruled = [v for v in x["variants"] if v.get("rank_rule") or v.get("serve")]
     if ruled:
         lines.append("")

@@ -80,6 +80,10 @@ class WatchDir:
     recursive: bool = True
     policy: str = DEFAULT_POLICY
     poll: bool | None = None  # None: decided from the filesystem type (network filesystems poll)
+    # replace: the active variant replaces the file at its path. mirror: the file is never touched;
+    # the active variant is written at the same relative path under `mirror_to` (lorad.mirror).
+    mode: str = "replace"
+    mirror_to: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -413,7 +417,8 @@ _TOP_KEYS = ("state_dir", "database", "socket", "device", "watch", "policies", "
              "operator_group", "cpu_threads", "nice", "io_idle", "gpu_busy")  # fmt: skip
 _POLICY_KEYS = ("method", "param", "max_rank", "budget_mb", "kohya_compat", "min_saving",
                 "min_fro_retained", "activate", "keep_variants", "rank_multiple", "uniform", "serve")  # fmt: skip
-_WATCH_KEYS = ("path", "recursive", "policy", "poll")
+_WATCH_KEYS = ("path", "recursive", "policy", "poll", "mode", "mirror_to")
+WATCH_MODES = ("replace", "mirror")
 _SCHEDULE_KEYS = ("reconcile_every", "gc_every", "retry_every", "window")
 _WINDOW_KEYS = ("start", "end")
 _GPU_BUSY_KEYS = ("util_above", "free_below_mb", "check_every")
@@ -481,11 +486,19 @@ def _watch_dir(value: Any, at: _At, base: Path, policies: Mapping[str, Policy]) 
             f"no policy named {policy!r} (defined: {', '.join(policies) or 'none'})"
         )
     poll = doc.get("poll")
+    mode = _choice(doc.get("mode", "replace"), at.child(doc, "mode"), WATCH_MODES)
+    mirror_to = _path(doc["mirror_to"], at.child(doc, "mirror_to"), base) if "mirror_to" in doc else None
+    if mode == "mirror" and mirror_to is None:
+        raise at.child(doc, "mode").error("mode: mirror needs `mirror_to: DIR`, where the active variants go")
+    if mode != "mirror" and mirror_to is not None:
+        raise at.child(doc, "mirror_to").error("mirror_to is for mode: mirror (this folder's mode is replace)")
     return WatchDir(
         path=_path(doc["path"], at.child(doc, "path"), base),
         recursive=_bool(doc.get("recursive", True), at.child(doc, "recursive")),
         policy=str(policy),
         poll=None if poll in (None, "auto") else _bool(poll, at.child(doc, "poll")),
+        mode=mode,
+        mirror_to=mirror_to,
     )
 
 
@@ -500,7 +513,21 @@ def _watch(value: Any, at: _At, base: Path, policies: Mapping[str, Policy]) -> t
         if w.path in seen:
             raise at.item(i, value[i]).error(f"{w.path} is listed twice")
         seen.add(w.path)
+    mirrors = [(i, w.mirror_to) for i, w in enumerate(dirs) if w.mirror_to is not None]
+    for i, mirror in mirrors:
+        for w in dirs:
+            # lorad must never watch what it writes, nor write into what it watches.
+            if _within(mirror, w.path) or _within(w.path, mirror):
+                raise at.item(i, value[i]).error(f"mirror_to {mirror} overlaps the watched folder {w.path}; "
+                                                 "choose a folder outside every watched one")  # fmt: skip
+        if sum(1 for _, other in mirrors if other == mirror) > 1:
+            raise at.item(i, value[i]).error(f"mirror_to {mirror} is used by two watched folders")
     return dirs
+
+
+def _within(path: Path, folder: Path) -> bool:
+    real, top = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    return real == top or top in real.parents
 
 
 def _window(value: Any, at: _At) -> Window | None:

@@ -107,8 +107,9 @@ class Daemon:
         notify.status("migrating the database")
         from lorad.library import Library  # heavy imports (torch) after the cheap checks
 
+        mirrors = {w.path: w.mirror_to for w in cfg.watch if w.mirror_to is not None}
         self.library = Library(cfg.state_dir, [w.path for w in cfg.watch], cfg.database,
-                               operator_gid=group_id(cfg.operator_group))  # fmt: skip
+                               operator_gid=group_id(cfg.operator_group), mirrors=mirrors)  # fmt: skip
         self.queue = Queue(self.library.db, cfg.lease_seconds, cfg.max_attempts)
         requeued = self.queue.requeue_expired()
         if requeued:
@@ -248,8 +249,9 @@ class Daemon:
     # operations the control methods use --------------------------------------------------
 
     def watched(self, text: str | os.PathLike[str]) -> Path:
-        """An absolute, resolved path inside a watched folder, else an `outside_watch` error."""
-        path = Path(os.path.abspath(os.path.expanduser(text))).resolve()
+        """An absolute, resolved path inside a watched folder (a path in a mirror: the watched file
+        it mirrors), else an `outside_watch` error."""
+        path = Path(self.library.unmirrored(Path(os.path.abspath(os.path.expanduser(text))).resolve()))
         if self.config.watch_for(path) is None:
             roots = ", ".join(str(w.path) for w in self.config.watch) or "none"
             raise ControlError(Code.OUTSIDE_WATCH, f"{text} is not inside a watched folder ({roots})")

@@ -29,9 +29,8 @@ from lorad.db.models import Lora, Variant
 from lorad.errors import FormatError, NotRegularFileError, StoreError
 from lorad.pathtext import shown
 from lorad.records import VariantView, variant_view
-from lorad.refusals import refusal_of
 from lorad.report import Report
-from lorad.store import _crashpoint
+from lorad.store import _crashpoint, hash_file
 
 if TYPE_CHECKING:
     from lorad.library import Library
@@ -127,16 +126,8 @@ def add_variant(lib: Library, lora_id: int, report: Report, source_tree: str | N
         raise StoreError(f"{out}: its {WEIGHTS} is not the one the reduction reported; not added")
     _crashpoint("add_variant:after-store")
     with lib.db.write() as s:
-        row = s.get(Lora, lora_id)
-        src = s.get(Variant, source.id)
-        assert row is not None and src is not None
-        variant = repo.variant_with_blob(s, lora_id, stored.sha256)
-        if variant is None:
-            record_tree(s, stored)
-            variant = repo.add_reduced(s, row, stored.sha256, src, report)
-            repo.record_event(s, "reduced", actor, lora_id, variant.id, method=report.method, param=report.param,
-                              sha256=stored.sha256, bytes=stored.bytes, source_variant=src.id,
-                              fro_retained_mean=report.fro_retained_mean)  # fmt: skip
+        record_tree(s, stored)
+        variant = repo.record_reduction(s, lora_id, stored.sha256, stored.bytes, source.id, report, actor)
         view = variant_view(variant, stored.bytes)
     _crashpoint("add_variant:after-commit")
     return view
@@ -158,7 +149,7 @@ def _source_variant(s, lora_id: int, weights_sha: str, source_tree: str | None) 
 def state(lib: Library, lora_id: int, actor: str, trust_stamp: bool = False) -> FileState:
     """lorad.reconcile.file_state for a folder LoRA: every file hashed (unless `trust_stamp` and
     the folder's stamp is the recorded one), the tree compared with the known variants."""
-    from lorad.reconcile import FileState, record_reconciled, record_stamp
+    from lorad.reconcile import FileState, hashed, record_reconciled, record_stamp
 
     with lib.db.read() as s:
         row = s.get(Lora, lora_id)
@@ -170,14 +161,9 @@ def state(lib: Library, lora_id: int, actor: str, trust_stamp: bool = False) -> 
     stamp = trees.stamp_of(path)
     if trust_stamp and stamp is not None and stamp == known_stamp and active_sha:
         return FileState("in-sync", active_id, active_id, active_sha)
-    try:
-        sha, _entries = trees.hash_folder(path)
-    except FileNotFoundError:
-        return FileState("gone", None, active_id)
-    except (FormatError, OSError) as e:
-        refusal = refusal_of(e, path)
-        lib.record_refusal(path, refusal)
-        return FileState("refused", None, active_id, refusal=refusal)
+    sha = hashed(lib, path, active_id, digest=lambda p: trees.hash_folder(p)[0], refused=(FormatError, OSError))
+    if isinstance(sha, FileState):
+        return sha
     token = stamp if stamp is not None and trees.stamp_of(path) == stamp else None
     if sha == active_sha:
         record_stamp(lib, lora_id, known_stamp, token)
@@ -291,7 +277,7 @@ def repair_from(lib: Library, path: Path, lost: set[str]) -> list[str]:
         return repaired
     for item in listed:
         try:
-            sha = trees.hash_file(item.path)
+            sha = hash_file(item.path)
         except OSError:
             continue
         if sha in lost:

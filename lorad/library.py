@@ -31,13 +31,13 @@ import structlog
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from lorad import folder_swap, folders, trees
+from lorad import folder_swap, folders, mirror, trees
 from lorad._atomic import is_temp_name
 from lorad._fileio import check_regular
 from lorad.db import repo
 from lorad.db.models import Blob, Lora, Variant
 from lorad.db.session import BUSY_TIMEOUT_MS, Database, DatabaseUnavailable, default_url, sqlite_path
-from lorad.errors import LoradError, StoreError
+from lorad.errors import FormatError, LoradError, StoreError
 from lorad.formats.detect import detect_format
 from lorad.formats.keys import group_keys, parse_key
 from lorad.formats.safetensors_file import Header, file_data_sha256, read_header
@@ -59,9 +59,9 @@ from lorad.records import (
     variant_view,
 )
 from lorad.refusals import Refusal
+from lorad.report import Report
 from lorad.sidecars import read_claims
 from lorad.state_dir import Modes, secure_dir, secure_sqlite
-from lorad.report import Report
 from lorad.store import (
     BlobInfo,
     CorruptBlob,
@@ -114,14 +114,17 @@ class Library:
         migrate_on_open: bool = True,
         operator_gid: int | None = None,
         busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+        mirrors: Mapping[Path, Path] | None = None,
     ) -> None:
         """operator_gid: the operator group, which may read the state (lorad.state_dir).
         busy_timeout_ms: how long a write waits for another holder of SQLite's write lock before
-        the operation fails with DatabaseUnavailable (a TransientError)."""
+        the operation fails with DatabaseUnavailable (a TransientError).
+        mirrors: watched root -> mirror_to, for the roots in mirror mode (lorad.mirror)."""
         self.modes = Modes(operator_gid)
         self.state_dir = Path(state_dir).resolve()
         secure_dir(self.state_dir, self.modes)
         self.roots = tuple(Path(r).resolve() for r in watched_roots)
+        self.mirrors = {Path(root).resolve(): Path(os.path.abspath(to)) for root, to in (mirrors or {}).items()}
         self.database_url = database_url or default_url(self.state_dir)
         db_file = sqlite_path(self.database_url)
         if db_file is not None:
@@ -292,6 +295,9 @@ class Library:
                 self._refresh_claims_quietly(lora_id)  # a manager may have written a sidecar since
                 return self.lora(lora_id)
             if is_folder:
+                if root in self.mirrors:
+                    raise FormatError(f"{target}: adapter folders are not mirrored yet; keep them in a "
+                                      "folder in mode: replace")  # fmt: skip
                 return self.lora(folders.ingest(self, target, root, os.path.abspath(path), policy, actor))
             stamp = FileStamp.of_path(target)
             info, record = self.store_file(target)
@@ -310,6 +316,8 @@ class Library:
                 lora_id = lora.id
             _crashpoint("ingest:after-commit")
             log.info("ingested", path=shown(target), sha256=info.sha256)
+            if root in self.mirrors:
+                self.reconcile(lora_id, actor, trust_stamp=True)  # the original, mirrored
             self._refresh_claims_quietly(lora_id)
             return self.lora(lora_id)
 
@@ -349,17 +357,8 @@ class Library:
             info, record = self.store_file(out, expect_sha256=report.output.sha256)
             _crashpoint("add_variant:after-store")
             with self.db.write() as s:
-                row = s.get(Lora, lora_id)
-                src = s.get(Variant, source_row.id)
-                assert row is not None and src is not None
-                variant = repo.variant_with_blob(s, lora_id, info.sha256)
-                if variant is None:
-                    repo.ensure_blob(s, record)
-                    variant = repo.add_reduced(s, row, info.sha256, src, report)
-                    repo.record_event(s, "reduced", actor, lora_id, variant.id, method=report.method,
-                                      param=report.param, sha256=info.sha256, bytes=info.bytes,
-                                      source_variant=src.id,
-                                      fro_retained_mean=report.fro_retained_mean)  # fmt: skip
+                repo.ensure_blob(s, record)
+                variant = repo.record_reduction(s, lora_id, info.sha256, info.bytes, source_row.id, report, actor)
                 view = variant_view(variant, info.bytes)
             _crashpoint("add_variant:after-commit")
             return view
@@ -386,24 +385,33 @@ class Library:
             with self.db.read() as s:
                 row = self._find_lora(s, ref)
                 lora_id, path, is_folder = row.id, Path(row.path), row.kind == "folder"
+                mirror_path = self.mirror_of(row)
                 wanted = self._variant_of(s, row, choose(row))
             self._watched(path)  # a folder dropped from the config is no longer lorad's to write
-            stamp, current = self._settled_state(lora_id, path, actor, is_folder)
+            target = mirror_path or path  # in mirror mode the watched file is never written
+            stamp, current = self._settled_state(lora_id, target, actor, is_folder, mirrored=mirror_path is not None)
             if current != wanted.id:
                 _crashpoint("put:before-materialize")
-                self._materialize(wanted, path, stamp, actor)
-            written = self._stamp_token(path, is_folder)  # what lorad itself just put there
+                self._materialize(wanted, target, stamp, actor)
+            written = self._stamp_token(target, is_folder)  # what lorad itself just put there
             with self.db.write() as s:
                 row = s.get(Lora, lora_id)
                 variant = s.get(Variant, wanted.id)
                 assert row is not None and variant is not None
                 repo.set_active(s, row, variant)
-                row.file_stamp = written
+                if mirror_path is not None:
+                    row.mirror_stamp = written
+                else:
+                    row.file_stamp = written
                 repo.record_event(s, kind, actor, lora_id, wanted.id, previous_variant=current,
-                                  sha256=wanted.blob_sha256, path=str(path))  # fmt: skip
+                                  sha256=wanted.blob_sha256, path=str(target))  # fmt: skip
             _crashpoint("put:after-commit")
-            log.info(kind, path=shown(path), variant=wanted.id)
+            log.info(kind, path=shown(target), variant=wanted.id)
             return self.lora(lora_id)
+
+    def mirror_of(self, row: Lora) -> Path | None:
+        """Where a LoRA's active variant is written when its folder is in mirror mode, else None."""
+        return mirror.target_of(self.mirrors, row.path, row.folder)
 
     @staticmethod
     def _stamp_token(path: Path, is_folder: bool) -> str | None:
@@ -412,15 +420,19 @@ class Library:
         stamp = FileStamp.of_path(path)
         return stamp.token if stamp else None
 
-    def _settled_state(self, lora_id: int, path: Path, actor: str, is_folder: bool) -> tuple[FileStamp | str, int]:
-        """The watched file's stamp (a folder's: lorad.trees.stamp_of) and the variant it holds,
-        after reconciling the records to it.
+    def _settled_state(
+        self, lora_id: int, path: Path, actor: str, is_folder: bool, mirrored: bool = False
+    ) -> tuple[FileStamp | str, int]:
+        """The watched file's stamp (a folder's: lorad.trees.stamp_of; a mirrored LoRA's: its
+        mirror file's) and the variant it holds, after reconciling the records to it.
 
         Refuses when the file is gone or incomplete, or when it held bytes lorad never stored
         (kept as a new original first: lorad never overwrites what it has not stored).
         """
         stamp: FileStamp | str | None
-        if is_folder:
+        if mirrored:
+            stamp = None  # taken below: reconciling writes a missing mirror (only lorad writes there)
+        elif is_folder:
             folder_swap.recover(path, self.swap_area)  # else an interrupted swap reads as "gone"
             stamp = trees.stamp_of(path)
         else:
@@ -429,6 +441,8 @@ class Library:
             except FileNotFoundError:
                 stamp = None
         state = self.reconcile(lora_id, actor)
+        if mirrored and state.kind != "gone":
+            stamp = FileStamp.of_path(path)
         if stamp is None or state.kind == "gone":
             raise StoreError(f"{path}: the file is gone; lorad does not recreate removed LoRAs")
         if state.refusal is not None:
@@ -556,11 +570,19 @@ class Library:
             if row is None:
                 raise StoreError(f"no LoRA with id {ref}")
             return row
-        path, _ = self._watched(ref)
+        path, _ = self._watched(self.unmirrored(ref))
         row = repo.lora_by_path(s, str(path))
         if row is None:
             raise StoreError(f"{path}: lorad has not ingested this file")
         return row
+
+    def unmirrored(self, ref: str | os.PathLike[str]) -> str | os.PathLike[str]:
+        """A path in a mirror names the watched file it mirrors (users type either)."""
+        given = Path(os.path.abspath(ref))
+        for root, to in self.mirrors.items():
+            if to == given or to in given.parents:
+                return root / given.relative_to(to)
+        return ref
 
     def _variant_of(self, s: Session, lora: Lora, variant_id: int | None) -> Variant:
         variant = s.get(Variant, variant_id) if variant_id is not None else None

@@ -8,6 +8,7 @@ refusal, recorded with its reason and never waited on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -62,20 +63,20 @@ def file_state(lib: Library, lora_id: int, actor: str, trust_stamp: bool = False
             from lorad import folders
 
             return folders.state(lib, lora_id, actor, trust_stamp)
+        mirror_path = lib.mirror_of(row)
+        if mirror_path is not None:
+            from lorad import mirror
+
+            return mirror.state(lib, lora_id, mirror_path, actor, trust_stamp)
         path, active_id, known_stamp = Path(row.path), row.active_variant_id, row.file_stamp
         active = s.get(Variant, active_id) if active_id is not None else None
         active_sha = active.blob_sha256 if active else None
     stamp = FileStamp.of_path(path)
     if trust_stamp and stamp is not None and stamp.token == known_stamp and active_sha:
         return FileState("in-sync", active_id, active_id, active_sha)
-    try:
-        sha = hash_file(path)
-    except FileNotFoundError:
-        return FileState("gone", None, active_id)
-    except (NotRegularFileError, OSError) as e:
-        refusal = refusal_of(e, path)
-        lib.record_refusal(path, refusal)
-        return FileState("refused", None, active_id, refusal=refusal)
+    sha = hashed(lib, path, active_id)
+    if isinstance(sha, FileState):
+        return sha
     token = unchanged_token(path, stamp)
     if sha == active_sha:
         record_stamp(lib, lora_id, known_stamp, token)
@@ -88,8 +89,22 @@ def file_state(lib: Library, lora_id: int, actor: str, trust_stamp: bool = False
         return FileState("reconciled", known_id, active_id, sha)
     if not is_complete(path):
         return FileState("unsettled", None, active_id, sha)  # being written: nothing to adopt yet
-    new_id = _adopt_new_original(lib, lora_id, path, active_id, actor)
+    new_id = adopt_new_original(lib, lora_id, path, active_id, actor)
     return FileState("new-original", new_id, active_id, sha)
+
+
+def hashed(lib: Library, path: Path, active_id: int | None, digest: Callable[[Path], str] = hash_file,
+           refused: tuple[type[Exception], ...] = (NotRegularFileError, OSError)) -> str | FileState:  # fmt: skip
+    """The sha256 of what is at `path` (`digest`), or the state that says why there is none: gone,
+    or refused (no regular file, unreadable...), the refusal recorded."""
+    try:
+        return digest(path)
+    except FileNotFoundError:
+        return FileState("gone", None, active_id)
+    except refused as e:
+        refusal = refusal_of(e, path)
+        lib.record_refusal(path, refusal)
+        return FileState("refused", None, active_id, refusal=refusal)
 
 
 def record_stamp(lib: Library, lora_id: int, old: str | None, new: str | None) -> None:
@@ -110,7 +125,7 @@ def record_reconciled(lib: Library, lora_id: int, old: int | None, new: int, act
                           previous_variant=old, reason="the watched file holds this variant")  # fmt: skip
 
 
-def _adopt_new_original(lib: Library, lora_id: int, path: Path, old: int | None, actor: str) -> int:
+def adopt_new_original(lib: Library, lora_id: int, path: Path, old: int | None, actor: str) -> int:
     stamp = FileStamp.of_path(path)
     info, record = lib.store_file(path)
     with lib.db.write() as s:

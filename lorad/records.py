@@ -70,6 +70,7 @@ class LoraView:
     variants: tuple[VariantView, ...]
     refused: RefusalView | None = None  # its file, as it is now, cannot be read (a FIFO...)
     kind: str = "file"  # "folder": a PEFT adapter folder, its variants folder trees
+    mirror: Path | None = None  # mirror mode: where the active variant is (the path keeps the original)
 
     def variant(self, variant_id: int | None) -> VariantView | None:
         return next((v for v in self.variants if v.id == variant_id), None)
@@ -207,6 +208,7 @@ def lora_view(s: Session, lora: Lora, header_ranks: HeaderRanks | None = None) -
         variants=tuple(variants),
         refused=refusal_view(s, refusal, lora.id) if refusal is not None else None,
         kind=lora.kind,
+        mirror=Path(lora.mirror_path) if lora.mirror_path else None,
     )
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from lorad._atomic import is_temp_name
 from lorad._fileio import describe_mode
 from lorad.errors import FormatError, NotRegularFileError, StoreError
+from lorad.store import hash_file
 
 MAGIC = b"lorad-tree 1\n"
 CHUNK = 1 << 20
@@ -127,16 +128,6 @@ def stamp_of(folder: Path) -> str | None:
         h.update(os.fsencode(e.name) + b"\0")
         h.update(f"{e.st.st_ino}:{e.st.st_size}:{e.st.st_mtime_ns}:{e.mode:o}\n".encode())
     return f"tree:{st.st_dev}:{st.st_ino}:{h.hexdigest()[:32]}"
-
-
-def hash_file(path: Path) -> str:
-    from lorad._fileio import open_regular
-
-    h = hashlib.sha256()
-    with open_regular(path) as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def hash_folder(folder: Path) -> tuple[str, list[Entry]]:

@@ -118,8 +118,9 @@ def _verify_lora(lib: Library, lora_id: int, tally: _VerifyTally, actor: str, st
         row = s.get(Lora, lora_id)
         assert row is not None
         path, is_folder = Path(row.path), row.kind == "folder"
+        mirror_path = lib.mirror_of(row)
     if not is_folder:
-        tally.temp_removed.extend(_remove_stale([temp_name(path)], stale_after))
+        tally.temp_removed.extend(_remove_stale([temp_name(mirror_path or path)], stale_after))
     try:
         state = lib.reconcile(lora_id, actor)  # a folder's: puts back one an interrupted swap moved aside
         if is_folder:

@@ -53,7 +53,7 @@ def active(lora: dict[str, Any]) -> dict[str, Any]:
 
 def reduced_everywhere(config: Path, paths: list[Path]) -> dict[str, dict[str, Any]] | None:
     """The list, once every path shows an activated reduced variant (else None)."""
-    loras = by_path(cli_json(config, "list"))
+    loras = by_path([x for x in cli_json(config, "list") if x["id"] is not None])  # not refused paths
     if all(str(p) in loras and active(loras[str(p)])["kind"] == "reduced" for p in paths):
         return loras
     return None
@@ -146,7 +146,7 @@ def test_policy_refusals_and_bad_requests(rig: tuple[Path, Daemon]) -> None:
     assert "not activated" in cli(config, "show", str(path)).stdout
     assert cli_json(config, "show", str(shown["id"]))["path"] == str(path)  # by id, too
     table = cli(config, "list").stdout.splitlines()
-    assert table[0].split() == ["ID", "PATH", "ORIGINAL", "NOW", "ACTIVE", "VARIANTS"] and str(path) in table[2]
+    assert table[0].split() == ["ID", "PATH", "ORIGINAL", "NOW", "ACTIVE", "SERVES", "VARIANTS"] and str(path) in table[2]
     again = cli_json(config, "enqueue", str(path), "--policy", "tiny")
     assert not again["created"] and again["job"]["id"] == queued["job"]["id"]
 

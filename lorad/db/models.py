@@ -122,6 +122,10 @@ class Lora(Base):
     file_stamp: Mapped[str | None] = mapped_column(Text)
     # "file": a .safetensors file; "folder": a PEFT adapter folder, whose variants are tree blobs
     kind: Mapped[str] = mapped_column(String(16), default="file", server_default="file")
+    # Mirror mode (lorad.mirror): where the active variant was written instead of `path` (which
+    # then always holds the original), and that file's stamp when lorad last knew its contents.
+    mirror_path: Mapped[str | None] = mapped_column(PathText)
+    mirror_stamp: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 

@@ -243,6 +243,21 @@ def original_with_blob(s: Session, lora: Lora, sha256: str) -> Variant:
     return variant_with_blob(s, lora.id, sha256) or add_original(s, lora, sha256)
 
 
+def record_reduction(s: Session, lora_id: int, sha256: str, size: int, source_id: int, report: Report,
+                     actor: str) -> Variant:  # fmt: skip
+    """The reduced variant of `lora_id` whose bytes are the (recorded) blob `sha256`, made from
+    variant `source_id` as `report` says; added with its "reduced" event unless it exists."""
+    variant = variant_with_blob(s, lora_id, sha256)
+    if variant is not None:
+        return variant
+    lora, source = s.get(Lora, lora_id), s.get(Variant, source_id)
+    assert lora is not None and source is not None
+    variant = add_reduced(s, lora, sha256, source, report)
+    record_event(s, "reduced", actor, lora_id, variant.id, method=report.method, param=report.param, sha256=sha256,
+                 bytes=size, source_variant=source_id, fro_retained_mean=report.fro_retained_mean)  # fmt: skip
+    return variant
+
+
 def add_reduced(s: Session, lora: Lora, sha256: str, source: Variant, report: Report) -> Variant:
     output_bytes = report.output.bytes if report.output else None
     variant = Variant(
