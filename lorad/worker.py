@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import select
 import signal
 import subprocess
@@ -235,6 +236,9 @@ class ReductionProcess:
 # Running one job
 
 
+_JOB_FOLDER = re.compile(r"\.?job-\d+-[0-9a-f]{12}-(in|out)(\.lorad-tmp)?")
+
+
 class Runner:
     """Does one job: reduction process -> library.add_variant -> decision -> library.activate.
 
@@ -250,8 +254,10 @@ class Runner:
         self.device = device
         self._on_written = on_written
         work_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in work_dir.iterdir():  # folders a killed run was working in; nothing refers to them
-            if leftover.is_dir() and not leftover.is_symlink():
+        # Folders a killed run was working in (an adapter folder's job-N-<sha>-in/-out); nothing
+        # refers to them. Only those names: anything else here is not lorad's to remove.
+        for leftover in work_dir.iterdir():
+            if _JOB_FOLDER.fullmatch(leftover.name) and leftover.is_dir() and not leftover.is_symlink():
                 remove_tree(leftover)
 
     def spec(self, policy: Policy, src: Path, dst: Path, tree: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -16,7 +16,15 @@ import pytest
 
 from lorad.config import ConfigError, load_config
 from lorad.store import CRASH_ENV
-from tests._daemon_fixtures import Daemon, cli, cli_json, make_lora, wait_for, write_config
+from tests._daemon_fixtures import (
+    Daemon,
+    cli,
+    cli_json,
+    make_lora,
+    wait_for,
+    write_config,
+)
+from tests._folder_fixtures import make_adapter, tree_of
 
 
 def sha_of(path: Path) -> str:
@@ -51,6 +59,8 @@ def test_mirror_mode_never_touches_the_watched_file(rig: tuple[Path, Daemon]) ->
     sidecar.write_text(json.dumps({"sha256": sha_of(watched), "model_name": "ink"}))
     original_sha, sidecar_bytes = sha_of(watched), sidecar.read_bytes()
     mirror = tmp / "mirror" / "styles" / "ink.safetensors"
+    adapter = make_adapter(tmp / "kept" / "chat")  # not mirrored yet: refused, untouched
+    adapter_files = tree_of(adapter)
     daemon.start()
 
     lora = wait_for(lambda: (x := lora_at(config, watched)) and active(x)["kind"] == "reduced" and x,
@@ -61,6 +71,10 @@ def test_mirror_mode_never_touches_the_watched_file(rig: tuple[Path, Daemon]) ->
     assert sha_of(mirror) == reduced["sha256"] != original_sha
     assert mirror.with_name("ink.metadata.json").read_bytes() == sidecar_bytes  # copied beside it
     assert "mirrored to" in cli(config, "show", str(watched)).stdout
+    refused = wait_for(lambda: next((x["refused"] for x in cli_json(config, "list") if x["path"] == str(adapter)), None),
+                       60, 0.2, "the adapter folder refused")  # fmt: skip
+    assert "not mirrored yet" in refused["reason"] and tree_of(adapter) == adapter_files
+    assert not (tmp / "mirror" / "chat").exists()
 
     # revert and switch act on the mirror; either path names the LoRA.
     reverted = cli_json(config, "revert", str(mirror))
