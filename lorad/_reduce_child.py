@@ -164,16 +164,16 @@ def run(spec: dict[str, Any], channel: _Channel) -> None:
 
 
 def _materialize_tree(tree: dict[str, Any], dest: str) -> None:
-    """Copy a stored tree's entries (blobs under tree["objects"]) into the new folder `dest`."""
+    """Copy a stored tree's entries ([name, sha256, mode, blob path]) into the new folder `dest`."""
     from pathlib import Path
 
     from lorad import trees
 
     folder = Path(dest)
     folder.mkdir(mode=0o700)
-    objects = Path(tree["objects"])
-    entries = [trees.Entry(name, sha, mode) for name, sha, mode in tree["entries"]]
-    trees.write_entries(entries, folder, lambda e, fd: trees.copy_verified(objects / e.sha256[:2] / e.sha256, fd, e.sha256))
+    blobs = {sha: Path(blob) for _name, sha, _mode, blob in tree["entries"]}
+    entries = [trees.Entry(name, sha, mode) for name, sha, mode, _blob in tree["entries"]]
+    trees.write_entries(entries, folder, lambda e, fd: trees.copy_verified(blobs[e.sha256], fd, e.sha256))
 
 
 def check_folder(path: str, nice: int) -> dict[str, Any]:

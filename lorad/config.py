@@ -584,7 +584,7 @@ def _config(doc: Any, source: str, base: Path) -> Config:
         doc = _Located()
         doc.line, doc.key_lines = 1, {}
     doc = _mapping(doc, root, _TOP_KEYS)
-    at = lambda key: root.child(doc, key)
+    at = lambda key: root.child(doc, key)  # noqa: E731
     state_dir = _path(doc["state_dir"], at("state_dir"), base) if "state_dir" in doc else default_state_dir()
     policies = _policies(doc["policies"], at("policies")) if "policies" in doc else {DEFAULT_POLICY: default_policy()}
     group = doc.get("operator_group")

@@ -277,7 +277,8 @@ class Runner:
             src, dst = self.library.store.path_of(job.blob_sha256), self.work_dir / f"{name}.safetensors"
         else:
             src, dst = self.work_dir / f"{name}-in", self.work_dir / f"{name}-out"
-            tree = {"objects": str(self.library.store.objects), "entries": [list(e) for e in entries]}
+            store = self.library.store
+            tree = {"entries": [[name, sha, mode, str(store.path_of(sha))] for name, sha, mode in entries]}
             for leftover in (src, dst, temp_name(dst)):
                 remove_tree(leftover)  # an earlier attempt's, killed
         child = ReductionProcess(self.spec(policy, src, dst, tree), self.config.cpu_threads, f"job-{job.id}")
