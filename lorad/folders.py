@@ -149,7 +149,7 @@ def _source_variant(s, lora_id: int, weights_sha: str, source_tree: str | None) 
 def state(lib: Library, lora_id: int, actor: str, trust_stamp: bool = False) -> FileState:
     """lorad.reconcile.file_state for a folder LoRA: every file hashed (unless `trust_stamp` and
     the folder's stamp is the recorded one), the tree compared with the known variants."""
-    from lorad.reconcile import FileState, hashed, record_reconciled, record_stamp
+    from lorad.reconcile import FileState, hashed, held
 
     with lib.db.read() as s:
         row = s.get(Lora, lora_id)
@@ -165,15 +165,9 @@ def state(lib: Library, lora_id: int, actor: str, trust_stamp: bool = False) -> 
     if isinstance(sha, FileState):
         return sha
     token = stamp if stamp is not None and trees.stamp_of(path) == stamp else None
-    if sha == active_sha:
-        record_stamp(lib, lora_id, known_stamp, token)
-        return FileState("in-sync", active_id, active_id, sha)
-    with lib.db.read() as s:
-        known = repo.variant_with_blob(s, lora_id, sha)
-        known_id = known.id if known else None
-    if known_id is not None:
-        record_reconciled(lib, lora_id, active_id, known_id, actor, token)
-        return FileState("reconciled", known_id, active_id, sha)
+    state = held(lib, lora_id, sha, active_id, active_sha, known_stamp, token, actor)
+    if state is not None:
+        return state
     try:
         adapter_folder.check(path)
     except (FormatError, OSError):

@@ -78,19 +78,30 @@ def file_state(lib: Library, lora_id: int, actor: str, trust_stamp: bool = False
     if isinstance(sha, FileState):
         return sha
     token = unchanged_token(path, stamp)
+    state = held(lib, lora_id, sha, active_id, active_sha, known_stamp, token, actor)
+    if state is not None:
+        return state
+    if not is_complete(path):
+        return FileState("unsettled", None, active_id, sha)  # being written: nothing to adopt yet
+    new_id = adopt_new_original(lib, lora_id, path, active_id, actor)
+    return FileState("new-original", new_id, active_id, sha)
+
+
+def held(lib: Library, lora_id: int, sha: str, active_id: int | None, active_sha: str | None,
+         known_stamp: str | None, token: str | None, actor: str) -> FileState | None:  # fmt: skip
+    """The state when the path holds `sha`, a stored variant of the LoRA: the active one ("in-sync",
+    its stamp recorded) or another, which becomes active ("reconciled"). None when lorad never
+    stored these bytes for it."""
     if sha == active_sha:
         record_stamp(lib, lora_id, known_stamp, token)
         return FileState("in-sync", active_id, active_id, sha)
     with lib.db.read() as s:
         known = repo.variant_with_blob(s, lora_id, sha)
         known_id = known.id if known else None
-    if known_id is not None:
-        record_reconciled(lib, lora_id, active_id, known_id, actor, token)
-        return FileState("reconciled", known_id, active_id, sha)
-    if not is_complete(path):
-        return FileState("unsettled", None, active_id, sha)  # being written: nothing to adopt yet
-    new_id = adopt_new_original(lib, lora_id, path, active_id, actor)
-    return FileState("new-original", new_id, active_id, sha)
+    if known_id is None:
+        return None
+    record_reconciled(lib, lora_id, active_id, known_id, actor, token)
+    return FileState("reconciled", known_id, active_id, sha)
 
 
 def hashed(lib: Library, path: Path, active_id: int | None, digest: Callable[[Path], str] = hash_file,
