@@ -341,6 +341,11 @@ class Settler:
                 if sig != cand.seen:
                     cand.seen, cand.quiet_since = sig, now
                     continue
+                if self._rejected.get(path) == sig:
+                    # Back as it was when refused (an event caught it mid-change, e.g. between a
+                    # rewrite and the utime that restored its mtime): left alone, as hint() does.
+                    del self._candidates[path]
+                    continue
                 if cand.confirmed and now - cand.quiet_since >= self.settle_seconds and now >= cand.not_before:
                     ready.append((path, sig, cand.hints))
         return ready
