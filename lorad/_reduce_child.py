@@ -168,12 +168,19 @@ def _materialize_tree(tree: dict[str, Any], dest: str) -> None:
     from pathlib import Path
 
     from lorad import trees
+    from lorad._fileio import open_regular
+    from lorad.store import copy_verified
 
     folder = Path(dest)
     folder.mkdir(mode=0o700)
     blobs = {sha: Path(blob) for _name, sha, _mode, blob in tree["entries"]}
     entries = [trees.Entry(name, sha, mode) for name, sha, mode, _blob in tree["entries"]]
-    trees.write_entries(entries, folder, lambda e, fd: trees.copy_verified(blobs[e.sha256], fd, e.sha256))
+
+    def fill(entry: trees.Entry, fd: int) -> None:
+        with open_regular(blobs[entry.sha256]) as src:
+            copy_verified(src, fd, entry.sha256)
+
+    trees.write_entries(entries, folder, fill)
 
 
 def check_folder(path: str, nice: int) -> dict[str, Any]:

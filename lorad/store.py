@@ -25,7 +25,7 @@ import os
 import signal
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -169,6 +169,14 @@ def _copy_hashing(src: BinaryIO, dst_fd: int, hasher: _Hasher) -> None:
         hasher.update(block)
 
 
+def copy_verified(src: BinaryIO, fd: int, sha256: str) -> None:
+    """Copy a blob's bytes into `fd`; CorruptBlob if they no longer hash to its name."""
+    hasher = _Hasher(None)
+    _copy_hashing(src, fd, hasher)
+    if hasher.whole.hexdigest() != sha256:
+        raise CorruptBlob(sha256, f"blob {sha256[:12]} is corrupt (its bytes no longer match)")
+
+
 def _try_reflink(src_fd: int, dst_fd: int) -> bool:
     try:
         fcntl.ioctl(dst_fd, FICLONE, src_fd)
@@ -244,25 +252,7 @@ class Store:
         not hash to `expect_sha256`, or when the disk fills up.
         """
         src = Path(src)
-        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix="ingest-")
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb", buffering=0) as out:
-                info = self._copy_in(src, out.fileno(), data_offset)
-                if self.gid is not None:
-                    with contextlib.suppress(PermissionError):
-                        os.fchown(out.fileno(), -1, self.gid)
-                os.fchmod(out.fileno(), self.blob_mode)
-            if expect_sha256 is not None and info.sha256 != expect_sha256:
-                raise StoreError(
-                    f"{src}: hashes to {info.sha256[:12]}, expected {expect_sha256[:12]}; not stored"
-                )
-            self._place(tmp, info.sha256)
-            return info
-        except OSError as e:
-            raise _refusal(e, f"cannot store {src}: {_why(e)}; nothing was stored") from e
-        finally:
-            _remove_quietly(tmp)
+        return self._new_blob(lambda fd: self._copy_in(src, fd, data_offset), str(src), expect_sha256)
 
     def ingest_bytes(self, data: bytes) -> BlobInfo:
         """Store bytes held in memory (a tree manifest) as a blob; complete or absent."""
@@ -271,22 +261,35 @@ class Store:
         info = hasher.info()
         if self.is_intact(info.sha256):
             return info
+
+        def fill(fd: int) -> BlobInfo:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+            return info
+
+        return self._new_blob(fill, "a tree manifest")
+
+    def _new_blob(self, fill: Callable[[int], BlobInfo], what: str, expect_sha256: str | None = None) -> BlobInfo:
+        """Write a blob through a temp file in tmp/ (`fill(fd)` writes, fsyncs and hashes it), give
+        it the store's owner group and mode, and place it: complete or absent. `what`: the source,
+        as errors name it."""
         fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix="ingest-")
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb", buffering=0) as out:
-                view = memoryview(data)
-                while view:
-                    view = view[out.write(view) :]
-                os.fsync(out.fileno())
+                info = fill(out.fileno())
                 if self.gid is not None:
                     with contextlib.suppress(PermissionError):
                         os.fchown(out.fileno(), -1, self.gid)
                 os.fchmod(out.fileno(), self.blob_mode)
+            if expect_sha256 is not None and info.sha256 != expect_sha256:
+                raise StoreError(f"{what}: hashes to {info.sha256[:12]}, expected {expect_sha256[:12]}; not stored")
             self._place(tmp, info.sha256)
             return info
         except OSError as e:
-            raise _refusal(e, f"cannot store a tree manifest: {_why(e)}; nothing was stored") from e
+            raise _refusal(e, f"cannot store {what}: {_why(e)}; nothing was stored") from e
         finally:
             _remove_quietly(tmp)
 
@@ -413,10 +416,7 @@ class Store:
             return
         if self.link_mode == "reflink":
             raise StoreError(f"the filesystem under {self.root} cannot reflink; use link_mode copy")
-        hasher = _Hasher(None)
-        _copy_hashing(src, fd, hasher)
-        if hasher.whole.hexdigest() != sha256:
-            raise CorruptBlob(sha256, f"blob {sha256[:12]} is corrupt (its bytes no longer match)")
+        copy_verified(src, fd, sha256)
 
     def _require_intact(self, sha256: str) -> None:
         if not self.is_intact(sha256):

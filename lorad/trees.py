@@ -30,7 +30,6 @@ from lorad.errors import FormatError, NotRegularFileError, StoreError
 from lorad.store import hash_file
 
 MAGIC = b"lorad-tree 1\n"
-CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -147,18 +146,3 @@ def write_entries(entries: Sequence[Entry], dest: Path, fill: Callable[[Entry, i
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def copy_verified(src: Path, fd: int, sha256: str) -> None:
-    """Copy a stored blob into `fd`, failing if its bytes no longer hash to its name."""
-    from lorad._fileio import open_regular
-
-    h = hashlib.sha256()
-    with open_regular(src) as f:
-        while block := f.read(CHUNK):
-            view = memoryview(block)
-            while view:
-                view = view[os.write(fd, view) :]
-            h.update(block)
-    if h.hexdigest() != sha256:
-        raise StoreError(f"blob {sha256[:12]} is corrupt (its bytes no longer match)")
