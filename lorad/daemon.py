@@ -116,7 +116,7 @@ class Daemon:
             log.info("requeued jobs whose lease expired", jobs=requeued)
         self.device = resolve_device(cfg.device)
         self.watcher = Watcher(cfg.watch, cfg.settle_seconds, cfg.poll_seconds, self.on_settled,
-                               ignore=self.known.is_known, for_path=cfg.watch_for,
+                               ignore=self.known.is_known, stored=self.library.holds_folder, for_path=cfg.watch_for,
                                on_refused=self.library.record_refusal, on_scanned=self.library.prune_refusals)  # fmt: skip
         self.workers = self._make_workers()
         self.server = ControlServer(cfg.socket, methods.build(self), Authorizer(os.getuid(), group_id(cfg.operator_group)),

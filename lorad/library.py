@@ -160,6 +160,14 @@ class Library:
         with self.db.read() as s:
             return lora_view(s, self._find_lora(s, ref), self._header_ranks)
 
+    def holds_folder(self, path: str | os.PathLike[str]) -> bool:
+        """Whether `path` is a folder LoRA whose folder still has the stamp it had when lorad last
+        knew its contents (a folder it has stored and read, unchanged since)."""
+        with self.db.read() as s:
+            row = repo.lora_by_path(s, os.path.realpath(path))
+            stamp = row.file_stamp if row is not None and row.kind == "folder" else None
+        return stamp is not None and trees.stamp_of(Path(path)) == stamp
+
     def tree_entries(self, sha256: str) -> list[tuple[str, str, int]] | None:
         """(name, blob sha256, mode) of a folder tree's files; None when the blob is no tree."""
         with self.db.read() as s:

@@ -411,12 +411,15 @@ class _Handler(FileSystemEventHandler):
             watcher.scan_path(folder)
 
 
-def examine_candidate(path: Path, roots: Sequence[Path] = ()) -> Refusal | str | None:
+def examine_candidate(path: Path, roots: Sequence[Path] = (),
+                      stored: Callable[[Path], bool] = lambda _p: False) -> Refusal | str | None:  # fmt: skip
     """A settled candidate's verdict: a file's (lorad.refusals.examine), or an adapter folder's
-    (lorad.adapter_folder: the cheap checks, then open_lora in a short-lived process)."""
+    (lorad.adapter_folder: the cheap checks, then open_lora in a short-lived process, unless
+    `stored` says lorad already holds the folder as it is: every rescan and restart would
+    otherwise start one such process per folder)."""
     if is_adapter_candidate(path):
         verdict = adapter_folder.refusal(path, roots)
-        if verdict is None:
+        if verdict is None and not stored(path):
             verdict = adapter_folder.open_lora_refusal(path)
         return verdict
     return examine(path, roots)
@@ -461,6 +464,7 @@ class Watcher:
         poll_seconds: float,
         on_settled: Callable[[Path, WatchDir, Signature], None],
         ignore: Callable[[Path, Signature], bool] = lambda _p, _s: False,
+        stored: Callable[[Path], bool] = lambda _p: False,
         for_path: Callable[[Path], WatchDir | None] | None = None,
         on_refused: Callable[[Path, Refusal], None] = lambda _p, _r: None,
         on_scanned: Callable[[set[Path]], None] = lambda _paths: None,
@@ -469,7 +473,7 @@ class Watcher:
         found exactly these candidate paths (refusals of any other path are stale)."""
         self.dirs = tuple(dirs)
         roots = tuple(Path(os.path.realpath(w.path)) for w in self.dirs)
-        self.settler = Settler(settle_seconds, examine=lambda p: examine_candidate(p, roots),
+        self.settler = Settler(settle_seconds, examine=lambda p: examine_candidate(p, roots, stored),
                                skip=lambda p, s: ignore(p, s))  # fmt: skip
         self.poll_seconds = poll_seconds
         self._on_settled = on_settled

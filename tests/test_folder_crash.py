@@ -179,3 +179,16 @@ def test_gc_keeps_every_file_a_kept_tree_names_and_revert_still_works(tmp_path, 
         lib.switch(w.path, w.r2)
         after = peft_deltas(w.path)
         assert max(float((after[n] - reduced[n]).abs().max()) for n in reduced) < 1e-4  # rank 2 is exact here
+
+
+def test_the_library_says_which_folders_it_holds_unchanged(tmp_path, reductions):
+    """What lets the watcher skip its open_lora check on a rescan or restart: only a folder lorad
+    stored, with the stamp lorad last recorded (after its own swaps too), counts as held."""
+    w = _world(tmp_path, "r4", reductions)
+    other = make_adapter(w.root / "other", seed=9)
+    with w.open() as lib:
+        assert lib.holds_folder(w.path)  # activated by lorad: its own swap's stamp
+        assert not lib.holds_folder(other)  # never ingested
+        config = w.path / "adapter_config.json"
+        config.write_text(config.read_text() + " ")
+        assert not lib.holds_folder(w.path)  # changed since: looked at in full again
