@@ -135,6 +135,13 @@ def _lycoris_as_lora(reader: Reader, m: Module) -> tuple[Module, torch.Tensor] |
     return Module(m.name, m.kind, m.keys, out, inp, rank, (), dtype, 1.0), dW
 
 
+def _reduce_spectrum(up: torch.Tensor, down: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The spectrum exactly as `reduce` computes it. svdvals and svd differ in the last digits, and
+    where a module's retained ratio sits on the method's threshold that decides its rank: a plan
+    must choose what the reduction will."""
+    return factored_svd(up, down, scale).S
+
+
 class Job:
     """One file's reduction: per batch, decompose, choose ranks, fold, cast, measure."""
 
@@ -166,16 +173,16 @@ class Job:
             return self.fixed_ranks[m.name]
         return self.rule.per_module(self.method_rank(m, S), min(m.rank, S.numel()), self.settings.max_rank)
 
-    def spectra(self) -> Iterator[tuple[Module, torch.Tensor]]:
+    def spectra(self, fn: Callable = singular_values) -> Iterator[tuple[Module, torch.Tensor]]:
         """Every reducible module's singular values (the R factors suffice)."""
         with Reader(self.source) as reader:
-            for batch, _up, _down, S in self.decomposer.run(reader, singular_values):
+            for batch, _up, _down, S in self.decomposer.run(reader, fn):
                 yield from zip(batch, S.cpu())  # type: ignore[union-attr]
 
     def plan(self, spectra: dict[str, torch.Tensor] | None = None) -> dict[str, ModuleReport]:
         """Reports from the spectra alone; `spectra` when already computed (a budget's pass 1)."""
         reports = {}
-        for m, S in self.spectra() if spectra is None else ((m, spectra[m.name]) for m in self.source.reducible):
+        for m, S in self.spectra(_reduce_spectrum) if spectra is None else ((m, spectra[m.name]) for m in self.source.reducible):
             self.spectra_seen[m.name] = S
             k = self._rank(m, S)
             fro, tail, total = metrics.truncation(S, k)
