@@ -58,7 +58,7 @@ class Gpu:
     """Per-process and whole-device GPU memory of the GPU torch calls cuda:0."""
 
     def __init__(self) -> None:
-        from lorad.worker import _nvml_target
+        from lorad.daemon.worker import _nvml_target
 
         self.how, self.which = _nvml_target()
         self.nvml: Any = None
@@ -194,7 +194,7 @@ schedule:
 
 
 def call(sock: Path, method: str, **params: Any) -> Any:
-    from lorad.control.client import Client
+    from lorad.daemon.control.client import Client
 
     with Client(sock, timeout=60) as client:
         return client.call(method, **params)
@@ -348,7 +348,7 @@ def _loads_torch(pid: int) -> bool | None:
 
 BASELINE = textwrap.dedent("""
     import sys, torch
-    from lorad.engine import ReduceSettings, reduce_file
+    from lorad.engine.engine import ReduceSettings, reduce_file
     report = reduce_file(sys.argv[1], sys.argv[2], ReduceSettings("fro", 0.9, max_rank=64, device="cuda"))
     print("reduced", report.device, round(report.seconds, 2), torch.cuda.memory_reserved(), flush=True)
     sys.stdin.readline()

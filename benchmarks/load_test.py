@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lorad.control.client import Client, DaemonNotRunning  # noqa: E402
+from lorad.daemon.control.client import Client, DaemonNotRunning  # noqa: E402
 from tests._daemon_fixtures import lorad_env, make_lora, write_config  # noqa: E402
 
 

@@ -38,9 +38,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lorad.control.client import Client, DaemonNotRunning  # noqa: E402
+from lorad.daemon.control.client import Client, DaemonNotRunning  # noqa: E402
 from lorad.errors import LoradError  # noqa: E402
-from lorad.store import Store  # noqa: E402
+from lorad.library.store import Store  # noqa: E402
 from tests._daemon_fixtures import lorad_env, make_lora, write_config  # noqa: E402
 
 
@@ -178,7 +178,7 @@ def orphans(daemon_pids: list[int]) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"lorad._reduce_child" in argv and b"--parent" in argv:
+        if b"lorad.daemon._reduce_child" in argv and b"--parent" in argv:
             parent = int(argv[argv.index(b"--parent") + 1])
             if parent in daemon_pids:
                 found.append(int(entry.name))

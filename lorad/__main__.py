@@ -1,5 +1,5 @@
 import sys
 
-from lorad.cli import main
+from lorad.cli.cli import main
 
 sys.exit(main())

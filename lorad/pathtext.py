@@ -5,7 +5,7 @@ Inside lorad a path is `os.fsdecode` text: bytes that are not UTF-8 become lone 
 works on it. Such text cannot be stored as it is (SQLite and PostgreSQL hold valid UTF-8 only) nor
 printed, so:
 
-- `to_column`/`from_column` (the database edge, see `lorad.db.models.PathText`): a path whose bytes
+- `to_column`/`from_column` (the database edge, see `lorad.library.db.models.PathText`): a path whose bytes
   are valid UTF-8 is stored unchanged, which is every path lorad recorded before this scheme. Any
   other is stored as `bytes:` + the text with each undecodable byte written `\\xHH` and each
   backslash doubled. A stored path is absolute, so real ones never begin with `bytes:`; a text

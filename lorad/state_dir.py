@@ -6,7 +6,7 @@ store blobs 0400. With an operator group configured, its members may read (they 
 revert and switch over the socket): 0750, 0640 and 0440, group-owned by that group.
 
 The files lorad materialises at watched paths are not the state's: they keep the mode of the file
-they replace (see lorad.store), whatever is set here.
+they replace (see lorad.library.store), whatever is set here.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Alembic environment for lorad: run from `lorad.db.migrate` (configured in code, no alembic.ini).
+"""Alembic environment for lorad: run from `lorad.library.db.migrate` (configured in code, no alembic.ini).
 
 SQLite: batch mode ("move and copy") rebuilds tables, so foreign keys are switched off for the run,
 outside any transaction (a PRAGMA inside one is ignored; sqlalchemy/alembic#345), and checked with
@@ -10,8 +10,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection, text
 
-from lorad.db.models import Base
-from lorad.db.session import make_engine
+from lorad.library.db.models import Base
+from lorad.library.db.session import make_engine
 
 target_metadata = Base.metadata
 

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from lorad._reduce_child import ioprio_get
+from lorad.daemon._reduce_child import ioprio_get
 
 
 def children(pid: int) -> list[int]:
@@ -31,7 +31,7 @@ def reduction_children(parent: int | None = None) -> list[int]:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if b"lorad._reduce_child" in cmdline and state != "Z":
+        if b"lorad.daemon._reduce_child" in cmdline and state != "Z":
             found.append(pid)
     return found
 

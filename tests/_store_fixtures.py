@@ -55,7 +55,7 @@ def make_lora(path: Path, seed: int = 0, modules: int = 3, dim: int = 48, rank: 
 
 def reduce_with_engine(src: Path, dst: Path, rank: int):
     """The real engine's rank reduction of `src` into `dst`; returns its Report."""
-    from lorad.engine import ReduceSettings, reduce_file
+    from lorad.engine.engine import ReduceSettings, reduce_file
 
     return reduce_file(src, dst, ReduceSettings(method="rank", param=rank, device="cpu"))
 
@@ -125,7 +125,7 @@ def _child(argv: list[str]) -> int:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), int(limit)))
     from lorad.errors import LoradError
-    from lorad.library import Library
+    from lorad.library.library import Library
 
     url = next((a.removeprefix("--db=") for a in argv if a.startswith("--db=")), None)
     op, state_dir, root, path, *rest = [a for a in argv if not a.startswith("--db=")]

@@ -15,23 +15,9 @@ from typing import Any
 import pytest
 import torch
 
-from lorad.worker import MODULE_DELAY_ENV
-from tests._daemon_fixtures import (
-    Daemon,
-    cli,
-    cli_json,
-    make_lora,
-    wait_for,
-    write_config,
-    write_slowly,
-)
-from tests._folder_fixtures import (
-    adapter_files,
-    config_of,
-    make_adapter,
-    peft_deltas,
-    tree_of,
-)
+from lorad.daemon.worker import MODULE_DELAY_ENV
+from tests._daemon_fixtures import Daemon, cli, cli_json, make_lora, wait_for, write_config, write_slowly
+from tests._folder_fixtures import adapter_files, config_of, make_adapter, peft_deltas, tree_of
 
 FOLDER_POLICY = """\
   folders:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lorad.cli import main
+from lorad.cli.cli import main
 from tests import lora_factory as lf
 
 

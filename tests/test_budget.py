@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lorad.engine import ReduceSettings, reduce_file
+from lorad.engine.engine import ReduceSettings, reduce_file
+from lorad.engine.reduce.budget import MIB, BudgetItem, allocate
 from lorad.errors import ReduceError
-from lorad.reduce.budget import MIB, BudgetItem, allocate
 from tests import lora_factory as lf
 
 

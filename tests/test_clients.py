@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorad.engine import ReduceSettings, reduce_file
+from lorad.engine.engine import ReduceSettings, reduce_file
 from tests import _tiny_models as tm
 
 torch.set_num_threads(2)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lorad.config import (
+from lorad.daemon.config import (
     ConfigError,
     GpuBusy,
     Window,

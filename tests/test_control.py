@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from lorad.control.client import Client, DaemonNotRunning
-from lorad.control.protocol import (
+from lorad.daemon.control.client import Client, DaemonNotRunning
+from lorad.daemon.control.protocol import (
     MAX_REQUEST_BYTES,
     METHODS,
     Code,
@@ -25,7 +25,7 @@ from lorad.control.protocol import (
     encode_result,
     parse_request,
 )
-from lorad.control.server import Authorizer, ControlServer, Peer, claim_socket_path
+from lorad.daemon.control.server import Authorizer, ControlServer, Peer, claim_socket_path
 from lorad.errors import LoradError
 from tests._daemon_fixtures import wait_for
 
@@ -354,8 +354,8 @@ def test_client_says_clearly_when_the_daemon_is_not_running(sockdir: Path) -> No
 def test_clients_find_the_socket_flag_then_config_then_env_then_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
-    from lorad._cli_client import socket_path
-    from lorad.config import default_socket_candidates
+    from lorad.cli.control import socket_path
+    from lorad.daemon.config import default_socket_candidates
 
     config = tmp_path / "c.yaml"
     config.write_text(f"socket: {tmp_path / 'from-config.sock'}\n")

@@ -3,7 +3,7 @@ request lines, non-UTF-8 paths, and a control plane that stops answering under s
 
 Callers under other uids are forked from this (root) process and demoted: the interpreter lives
 where other uids cannot reach it, so they cannot exec a fresh `python -m lorad`. A demoted child
-runs the real CLI entry point (`lorad.cli.main`) and exits with its status.
+runs the real CLI entry point (`lorad.cli.cli.main`) and exits with its status.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Any
 
 import pytest
 
-import lorad.cli
-from lorad.control.client import Client
-from lorad.control.protocol import ControlError
-from lorad.control.server import MAX_CONNECTIONS, PER_UID_CONNECTIONS
+import lorad.cli.cli
+from lorad.daemon.control.client import Client
+from lorad.daemon.control.protocol import ControlError
+from lorad.daemon.control.server import MAX_CONNECTIONS, PER_UID_CONNECTIONS
 from tests._daemon_fixtures import Daemon, cli, lorad_env, wait_for, write_config
 
 BUSY_LINE = "lorad: the daemon is busy (too many connections); try again"
@@ -116,7 +116,7 @@ def internal_errors_logged(rig: Rig) -> list[dict[str, Any]]:
 def _in_child(uid: int, gid: int, body: Callable[[], int]) -> int:
     """Fork; the child drops to uid/gid (no supplementary groups), runs `body` and exits with its
     status without ever returning into pytest. Returns the child's pid."""
-    lorad.cli.build_parser()  # import every command module while still root
+    lorad.cli.cli.build_parser()  # import every command module while still root
     pid = os.fork()
     if pid:
         return pid
@@ -167,7 +167,7 @@ def lorad_as(uid: int, *argv: str, gid: int = 0, timeout: float = 60) -> Ran:
         def body() -> int:
             sys.stdout = open(out.fileno(), "w", encoding="utf-8", closefd=False)
             sys.stderr = open(err.fileno(), "w", encoding="utf-8", errors="backslashreplace", closefd=False)
-            return lorad.cli.main(list(argv))
+            return lorad.cli.cli.main(list(argv))
 
         status = run_as(uid, body, gid, timeout)
         out.seek(0)

@@ -3,7 +3,7 @@ see conftest.py; CI has no GPU, so these run on GPU hosts only)."""
 
 import torch
 
-from lorad.engine import ReduceSettings, reduce_file
+from lorad.engine.engine import ReduceSettings, reduce_file
 from tests import lora_factory as lf
 
 

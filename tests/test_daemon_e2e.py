@@ -14,18 +14,8 @@ from typing import Any
 
 import pytest
 
-from lorad.worker import MODULE_DELAY_ENV
-
-from tests._daemon_fixtures import (
-    Daemon,
-    cli,
-    cli_json,
-    lora_bytes,
-    make_lora,
-    wait_for,
-    write_config,
-    write_slowly,
-)
+from lorad.daemon.worker import MODULE_DELAY_ENV
+from tests._daemon_fixtures import Daemon, cli, cli_json, lora_bytes, make_lora, wait_for, write_config, write_slowly
 
 
 def sha_of(path: Path) -> str:

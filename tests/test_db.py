@@ -9,11 +9,11 @@ import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError, StatementError
 
-from lorad.db import migrate, repo
-from lorad.db.models import Event, Job, Lora, ModuleMetric, Variant
-from lorad.db.session import Database, DatabaseUnavailable, default_url
+from lorad.engine.report import FileInfo, ModuleReport, Report
 from lorad.errors import TransientError
-from lorad.report import FileInfo, ModuleReport, Report
+from lorad.library.db import migrate, repo
+from lorad.library.db.models import Event, Job, Lora, ModuleMetric, Variant
+from lorad.library.db.session import Database, DatabaseUnavailable, default_url
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorad.engine import ReduceSettings, reduce_file
+from lorad.engine.engine import ReduceSettings, reduce_file
 from tests import _layouts as L
 from tests import _readers as R
 from tests.test_layouts import TOL, diffusers_problems, strength_problems

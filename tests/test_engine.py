@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from lorad.engine import ReduceSettings, default_output_path, plan_file, reduce_file
-from lorad.reduce.svd import factored_svd
+from lorad.engine.engine import ReduceSettings, default_output_path, plan_file, reduce_file
+from lorad.engine.reduce.svd import factored_svd
 from tests import lora_factory as lf
 
 
@@ -68,7 +68,7 @@ def test_default_output_names():
 
 
 def test_refuses_to_overwrite_its_input(tmp_path, capsys):
-    from lorad.cli import main
+    from lorad.cli.cli import main
 
     src = lf.kohya_file(tmp_path / "k.safetensors")
     before = src.read_bytes()
@@ -81,7 +81,7 @@ def _limited_write(limit: int, src: str, dst: str) -> None:
     """Child: reduce with the file size limited, as on a full disk (EFBIG instead of ENOSPC)."""
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    from lorad.cli import main
+    from lorad.cli.cli import main
 
     sys.exit(main(["reduce", src, "-o", dst, "--method", "rank", "--param", "8"]))
 

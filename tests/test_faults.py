@@ -19,7 +19,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-
 from tests._daemon_fixtures import Daemon, cli, cli_json, lora_bytes, make_lora, wait_for, write_config
 from tests._store_fixtures import WITHOUT_DAC
 from tests.test_daemon_e2e import active, by_path, reduced_everywhere, sha_of

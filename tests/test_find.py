@@ -24,9 +24,9 @@ from safetensors.torch import load_file, save_file
 from sqlalchemy import text
 from structlog.testing import capture_logs
 
-from lorad.hashes import HashQueryError
-from lorad.library import Library
-from lorad.sidecars import MAX_SIDECAR_BYTES
+from lorad.library.hashes import HashQueryError
+from lorad.library.library import Library
+from lorad.library.sidecars import MAX_SIDECAR_BYTES
 from tests._daemon_fixtures import cli, cli_json, wait_for
 from tests._daemon_fixtures import make_lora as make_daemon_lora
 from tests._store_fixtures import civitai_hashes, make_lora, reduce_with_engine, sha256_of

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from lorad import trees
 from lorad._atomic import NO_EXCHANGE_ENV
+from lorad.engine.report import Report
 from lorad.errors import StoreError
-from lorad.library import Library
-from lorad.report import Report
+from lorad.library import trees
+from lorad.library.library import Library
 from tests._folder_fixtures import make_adapter, peft_deltas, tree_of
 from tests._store_fixtures import event_kinds, reduce_with_engine, run_child, table
 

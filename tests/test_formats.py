@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lorad.engine import ReduceSettings, reduce_file
-from lorad.formats.lora import open_lora
-from lorad.formats.safetensors_file import file_data_sha256, read_header
+from lorad.engine.engine import ReduceSettings, reduce_file
+from lorad.engine.formats.lora import open_lora
+from lorad.engine.formats.safetensors_file import file_data_sha256, read_header
 from tests import lora_factory as lf
 
 FULL = ReduceSettings("rank", 10_000)
@@ -132,8 +132,9 @@ def test_fp16_input_gives_fp16_output_unless_dtype_says_otherwise(tmp_path):
 
 
 def test_convert_lycoris_rebuilds_loha_and_lokr_as_plain_lora(tmp_path):
-    from lorad.reduce.lycoris import loha_delta, lokr_delta
     from safetensors.torch import load_file
+
+    from lorad.engine.reduce.lycoris import loha_delta, lokr_delta
 
     src = lf.lycoris_mixed_file(tmp_path / "m.safetensors")
     t = load_file(str(src))

@@ -31,7 +31,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lorad.engine import ReduceSettings, reduce_file
+from lorad.engine.engine import ReduceSettings, reduce_file
 from lorad.errors import ReduceError
 from tests import _layouts as L
 from tests import _readers as R

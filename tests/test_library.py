@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from lorad.errors import FormatError, StoreError
-from lorad.formats.safetensors_file import is_complete, read_header
-from lorad.library import Library
 from lorad._atomic import temp_name
+from lorad.engine.formats.safetensors_file import is_complete, read_header
+from lorad.errors import FormatError, StoreError
+from lorad.library.library import Library
 from tests._store_fixtures import (
-    civitai_hashes,
     assert_consistent,
+    civitai_hashes,
     event_kinds,
     make_lora,
     reduce_with_engine,
@@ -448,8 +448,8 @@ def test_gc_plans_first_and_never_collects_originals_or_the_active_variant(tmp_p
 
 
 def test_gc_keeps_blobs_a_pending_job_will_read(tmp_path, lib):
-    from lorad.db import repo
-    from lorad.db.models import Job
+    from lorad.library.db import repo
+    from lorad.library.db.models import Job
 
     info = lib.store.ingest(make_lora(tmp_path / "queued.safetensors", seed=3))
     with lib.db.write() as s:
@@ -518,7 +518,7 @@ def test_a_fifo_at_a_loras_path_is_refused_with_its_reason_never_waited_on(tmp_p
 
 def test_store_ingest_of_a_fifo_refuses_at_once(tmp_path):
     from lorad.errors import NotRegularFileError
-    from lorad.store import Store
+    from lorad.library.store import Store
 
     store = Store(tmp_path / "state")
     fifo = tmp_path / "swapped.safetensors"  # looked at as a file, swapped for a FIFO since
@@ -584,7 +584,7 @@ def test_a_file_name_that_is_not_utf8_is_recorded_and_addressed_by_its_exact_byt
 
 
 def test_refusals_are_recorded_once_per_path_forgotten_when_taken_or_gone(root, lib):
-    from lorad.refusals import Refusal
+    from lorad.library.refusals import Refusal
 
     cut = root / "cut.safetensors"
     cut.write_bytes(make_lora(root / "tmp.safetensors").read_bytes()[:-8])
@@ -611,8 +611,8 @@ def test_a_database_locked_by_another_process_is_a_transient_refusal(tmp_path, r
     import sys
     import time
 
-    from lorad.db.session import DatabaseUnavailable
     from lorad.errors import TransientError
+    from lorad.library.db.session import DatabaseUnavailable
 
     path = make_lora(root / "style.safetensors")
     with Library(tmp_path / "state", [root]) as lib:  # waits BUSY_TIMEOUT_MS (10 s) for a lock

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from lorad.formats.safetensors_file import is_complete
-from lorad.library import Library
-from lorad.report import Report
+from lorad.engine.formats.safetensors_file import is_complete
+from lorad.engine.report import Report
+from lorad.library.library import Library
 from tests._store_fixtures import (
     assert_consistent,
     event_kinds,

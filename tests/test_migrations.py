@@ -8,9 +8,9 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from lorad.db import migrate
-from lorad.db.models import Base
-from lorad.db.session import make_engine
+from lorad.library.db import migrate
+from lorad.library.db.models import Base
+from lorad.library.db.session import make_engine
 
 TABLES = {"loras", "blobs", "variants", "module_metrics", "jobs", "events", "refusals", "tree_entries",
           "claimed_hashes"}
@@ -93,7 +93,7 @@ def test_upgrade_backs_up_the_database_before_a_pending_migration(tmp_path):
 
 def _lorad(capsys, *args: str) -> tuple[int, str, str]:
     """The real `lorad` command line, in this process (a subprocess would pay torch's import)."""
-    from lorad.cli import main
+    from lorad.cli.cli import main
 
     code = main(list(args))
     out, err = capsys.readouterr()

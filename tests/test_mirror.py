@@ -14,16 +14,9 @@ from typing import Any
 
 import pytest
 
-from lorad.config import ConfigError, load_config
-from lorad.store import CRASH_ENV
-from tests._daemon_fixtures import (
-    Daemon,
-    cli,
-    cli_json,
-    make_lora,
-    wait_for,
-    write_config,
-)
+from lorad.daemon.config import ConfigError, load_config
+from lorad.library.store import CRASH_ENV
+from tests._daemon_fixtures import Daemon, cli, cli_json, make_lora, wait_for, write_config
 from tests._folder_fixtures import make_adapter, tree_of
 
 

@@ -14,11 +14,11 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from lorad.db import migrate
-from lorad.db.models import Base
-from lorad.db.session import Database
-from lorad.library import Library, VariantView
-from lorad.queue import DONE, FAILED, PENDING, RUNNING, LeaseLost, Queue
+from lorad.daemon.queue import DONE, FAILED, PENDING, RUNNING, LeaseLost, Queue
+from lorad.library.db import migrate
+from lorad.library.db.models import Base
+from lorad.library.db.session import Database
+from lorad.library.library import Library, VariantView
 from tests._pg import pg_server, pg_url  # noqa: F401  (fixtures)
 from tests._store_fixtures import make_lora, sha256_of, table
 from tests.test_library import _events, _reduce, root  # noqa: F401 - root is a fixture

@@ -9,20 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from lorad.db import migrate
-from lorad.db.session import Database
-from lorad.queue import (
-    DONE,
-    FAILED,
-    PENDING,
-    RUNNING,
-    LeaseLost,
-    Queue,
-    backoff,
-    error_text,
-    is_permanent,
-)
+from lorad.daemon.queue import DONE, FAILED, PENDING, RUNNING, LeaseLost, Queue, backoff, error_text, is_permanent
 from lorad.errors import FormatError
+from lorad.library.db import migrate
+from lorad.library.db.session import Database
 
 
 class Clock:
@@ -143,8 +133,8 @@ def test_permanent_errors_fail_at_once_and_are_not_retried_by_the_timer(queue: Q
 
 
 def test_an_errors_class_decides_whether_it_is_permanent() -> None:
-    from lorad.db.session import DatabaseUnavailable
     from lorad.errors import NotRegularFileError, OutputWriteError, ReduceError
+    from lorad.library.db.session import DatabaseUnavailable
 
     # A full disk while writing the output is a ReduceError too, yet it passes: retried.
     assert not is_permanent(error_text(OutputWriteError("out.safetensors: No space left on device")))

@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors import safe_open
 
-from lorad.engine import ReduceSettings, plan_file, reduce_file
+from lorad.engine.engine import ReduceSettings, plan_file, reduce_file
+from lorad.engine.reduce.rank_rules import VLLM_RANKS, RankRule, rule_for, servers_met
 from lorad.errors import ReduceError
-from lorad.reduce.rank_rules import VLLM_RANKS, RankRule, rule_for, servers_met
 from tests import lora_factory as lf
 
 # Mixed shapes and ranks, with planted spectra that make `fro 0.9` ask for mixed ranks.

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorad import readback
-from lorad._engine_job import FAKE_OOM_ENV, Job
-from lorad.engine import ReduceSettings, reduce_file
+from lorad.engine import readback
+from lorad.engine._job import FAKE_OOM_ENV, Job
+from lorad.engine.engine import ReduceSettings, reduce_file
+from lorad.engine.formats import detect, encode, writer
+from lorad.engine.formats.lora import open_lora
 from lorad.errors import ReduceError
-from lorad.formats import detect, encode, writer
-from lorad.formats.lora import open_lora
 from tests import lora_factory as lf
 
 FRO = ReduceSettings("fro", 0.9)

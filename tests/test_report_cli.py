@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from blake3 import blake3
 
-from lorad.control.views import human_bytes
+from lorad.sizes import human_bytes
 from tests._browser import chromium, console_errors
 from tests._daemon_fixtures import cli, cli_json, lorad_env, make_lora, wait_for
 

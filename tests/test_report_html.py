@@ -1,8 +1,8 @@
-"""The static HTML reports (lorad.report_html), built from a real reduction and opened in a real
+"""The static HTML reports (lorad.report.html), built from a real reduction and opened in a real
 browser: Debian's headless Chromium loads the written file from disk with the network off.
 
 The documents are what the lead's `lorad report` produces: variants with their hashes and policy
-decisions (lorad.worker.decide), modules from the engine's Report.to_json(), and spectra computed
+decisions (lorad.daemon.worker.decide), modules from the engine's Report.to_json(), and spectra computed
 here from the input file. The page must draw its SVG charts (non-empty boxes, bars in proportion),
 print the document's numbers, fetch nothing, run no script it did not ship, and sort its table.
 
@@ -22,12 +22,12 @@ from typing import Any
 import pytest
 import torch
 
-from lorad.config import Policy
-from lorad.control.views import human_bytes
-from lorad.engine import ReduceSettings, reduce_file
-from lorad.formats.lora import Reader, open_lora
-from lorad.report_html import block_of, group_by_block, render_library, render_lora, write_html
-from lorad.worker import decide
+from lorad.daemon.config import Policy
+from lorad.daemon.worker import decide
+from lorad.engine.engine import ReduceSettings, reduce_file
+from lorad.engine.formats.lora import Reader, open_lora
+from lorad.report.html import block_of, group_by_block, render_library, render_lora, write_html
+from lorad.sizes import human_bytes
 from tests import lora_factory as lf
 from tests._browser import chromium, console_errors, full_page_screenshot
 from tests._store_fixtures import civitai_hashes

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lorad.engine import ReduceSettings, plan_file, reduce_file
-from lorad.reduce.select import select_rank
+from lorad.engine.engine import ReduceSettings, plan_file, reduce_file
+from lorad.engine.reduce.select import select_rank
 from tests import lora_factory as lf
 
 SHAPES = [(64, 64, 16), (96, 48, 16), (40, 80, 12), (32, 32, 8), (128, 64, 16), (48, 48, 24)]

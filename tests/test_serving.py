@@ -26,8 +26,8 @@ import pytest
 import torch
 from torch._dynamo.exc import RecompileError
 
-from lorad.engine import ReduceSettings, reduce_file
-from lorad.reduce.rank_rules import VLLM_RANKS
+from lorad.engine.engine import ReduceSettings, reduce_file
+from lorad.engine.reduce.rank_rules import VLLM_RANKS
 from tests import _serving_models as sm
 from tests import _tiny_models as tm
 

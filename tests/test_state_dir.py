@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lorad.db import migrate
-from lorad.library import Library
+from lorad.library.db import migrate
+from lorad.library.library import Library
 from tests._store_fixtures import make_lora, reduce_with_engine, sha256_of
 
 

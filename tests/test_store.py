@@ -7,9 +7,9 @@ import stat
 
 import pytest
 
-from lorad.errors import StoreError
 from lorad._atomic import temp_name
-from lorad.store import CorruptBlob, FileStamp, Store, TargetChanged
+from lorad.errors import StoreError
+from lorad.library.store import CorruptBlob, FileStamp, Store, TargetChanged
 from tests._store_fixtures import make_lora, sha256_of
 
 
@@ -32,7 +32,7 @@ def test_ingest_lays_out_a_read_only_blob_named_by_its_sha256(tmp_path, lora):
 
 
 def test_ingest_hashes_the_data_section_in_the_same_pass(tmp_path, lora):
-    from lorad.formats.safetensors_file import file_data_sha256, read_header
+    from lorad.engine.formats.safetensors_file import file_data_sha256, read_header
 
     header = read_header(lora)
     info = Store(tmp_path / "state").ingest(lora, data_offset=header.data_offset)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from lorad import log as lorad_log
-from lorad import notify
+from lorad.daemon import notify
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM_UNIT = REPO / "systemd" / "lorad.service"
@@ -228,11 +228,11 @@ def test_capture_helper_collects_events() -> None:
 
 
 def test_daemon_is_ready_only_once_migrated_and_listening(tmp_path: Path) -> None:
-    import sqlite3
     import signal as sig
+    import sqlite3
     import time
 
-    from lorad.db import migrate
+    from lorad.library.db import migrate
     from tests._daemon_fixtures import Daemon, lorad_env, write_config
 
     notify_path = tmp_path / "notify.sock"

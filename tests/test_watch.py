@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lorad.config import WatchDir
-from lorad.watch import (
+from lorad.daemon.config import WatchDir
+from lorad.daemon.watch import (
     Settler,
     Signature,
     Watcher,
@@ -430,8 +430,8 @@ def test_a_transient_failure_is_retried_with_backoff_not_dropped(folder: Path, t
     import subprocess
     import sys
 
-    from lorad.db import migrate, repo
-    from lorad.db.session import Database
+    from lorad.library.db import migrate, repo
+    from lorad.library.db.session import Database
     from lorad.log import captured
 
     url = f"sqlite:///{tmp_path / 'lorad.db'}"

@@ -1,5 +1,5 @@
 """Workers on the real engine, library, store and SQLite queue, with tiny real LoRA files. Each job
-runs in a real reduction process (lorad._reduce_child), which these tests find and read in /proc."""
+runs in a real reduction process (lorad.daemon._reduce_child), which these tests find and read in /proc."""
 
 from __future__ import annotations
 
@@ -14,10 +14,20 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lorad.config import Config, GpuBusy, Policy, parse_config
-from lorad.library import Library
-from lorad.queue import DONE, FAILED, PENDING, Queue
-from lorad.worker import GPU_STATE_ENV, MODULE_DELAY_ENV, Decision, Gate, GpuProbe, Runner, Worker, busy_reason, decide
+from lorad.daemon.config import Config, GpuBusy, Policy, parse_config
+from lorad.daemon.queue import DONE, FAILED, PENDING, Queue
+from lorad.daemon.worker import (
+    GPU_STATE_ENV,
+    MODULE_DELAY_ENV,
+    Decision,
+    Gate,
+    GpuProbe,
+    Runner,
+    Worker,
+    busy_reason,
+    decide,
+)
+from lorad.library.library import Library
 from tests._daemon_fixtures import make_lora, wait_for
 from tests._proc import environ_of, io_class_of, reduction_children, stat_nice
 
@@ -32,7 +42,7 @@ cpu_threads: 1
 nice: 7
 io_idle: true
 """
-FAKE_OOM_ENV = "LORAD_TEST_FAKE_OOM"  # the engine's hook (lorad._engine_job), read in the child only
+FAKE_OOM_ENV = "LORAD_TEST_FAKE_OOM"  # the engine's hook (lorad.engine._job), read in the child only
 
 
 def sha_of(path: Path) -> str:
@@ -364,8 +374,8 @@ def test_a_paused_gate_starts_nothing_until_resumed(rig: Rig) -> None:
 def test_schedule_plans_only_the_timers_asked_for() -> None:
     from datetime import time as clock
 
-    from lorad.config import Schedule, Window
-    from lorad.scheduler import planned_jobs
+    from lorad.daemon.config import Schedule, Window
+    from lorad.daemon.scheduler import planned_jobs
 
     assert [j[0] for j in planned_jobs(Schedule(reconcile_every=60, gc_every=None, retry_every=30))] == ["reconcile", "retry"]
     night = Schedule(reconcile_every=None, gc_every=None, retry_every=None, window=Window(clock(1, 0), clock(6, 0)))
@@ -375,8 +385,8 @@ def test_schedule_plans_only_the_timers_asked_for() -> None:
 def test_a_window_that_excludes_now_holds_jobs_back(rig: Rig) -> None:
     from datetime import datetime, timedelta
 
-    from lorad import scheduler
-    from lorad.config import Schedule, Window
+    from lorad.daemon import scheduler
+    from lorad.daemon.config import Schedule, Window
 
     later = datetime.now() + timedelta(hours=3)
     window = Window((later).time().replace(second=0, microsecond=0), (later + timedelta(hours=1)).time().replace(second=0, microsecond=0))

@@ -1,0 +1,366 @@
+"""Client commands over the daemon's socket: status, list, show, find, revert, switch, enqueue,
+pause, resume, rescan, verify, gc. Each prints a table for people or, with --json, the reply as JSON.
+
+The socket is found from `--socket PATH`, else the `socket` key of `--config FILE`, else
+$LORAD_SOCKET, else the default path (this user's, then the system service's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lorad.daemon.config import default_socket_candidates, load_config
+from lorad.daemon.control.client import Client
+from lorad.daemon.control.protocol import Code, ControlError
+from lorad.sizes import human_bytes
+
+Render = Callable[[Any], str]
+
+
+def socket_path(args: argparse.Namespace) -> Path:
+    if getattr(args, "socket", None):
+        return Path(args.socket)
+    if getattr(args, "config", None):
+        return load_config(args.config).socket
+    if os.environ.get("LORAD_SOCKET"):
+        return Path(os.environ["LORAD_SOCKET"])
+    candidates = default_socket_candidates()
+    return next((c for c in candidates if c.exists()), candidates[0])
+
+
+def call(args: argparse.Namespace, method: str, **params: Any) -> Any:
+    with Client(socket_path(args)) as client:
+        return client.call(method, **params)
+
+
+def emit(args: argparse.Namespace, result: Any, render: Render) -> int:
+    text = json.dumps(result, indent=2, default=str) if args.json else render(result)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `lorad list | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+BUSY_EXIT = 75  # EX_TEMPFAIL: "try again later", unlike a refusal (2)
+
+
+def _scriptable(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """With --json, an error reply is printed as JSON on stdout too (exit status 2, or BUSY_EXIT
+    when the daemon had no room for us), so scripts can branch on its code; people get the
+    one-line message on stderr either way."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except ControlError as e:
+            if args.json:
+                print(json.dumps({"error": {"code": e.code, "message": e.message}}))
+            if e.code == Code.BUSY:
+                print("lorad: the daemon is busy (too many connections); try again", file=sys.stderr)
+                return BUSY_EXIT
+            raise ControlError(e.code, _printable(e.message)) from None
+
+    return run
+
+
+def _printable(text: str) -> str:
+    """A file name's undecodable bytes (os.fsdecode's lone surrogates) as \\xHH, as `ls -b` shows
+    them, rather than as \\udcHH; any other lone surrogate as its escape."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _abs(path: str | Path) -> str:
+    """Paths go to the daemon absolute: it does not share our working directory."""
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Renderers (plain data -> text)
+
+
+def render_status(s: dict[str, Any]) -> str:
+    q = s["queue"]
+    lines = [
+        f"lorad {s['version']} (pid {s['pid']}), up {s['uptime_s']:.0f}s, device {s['device']}, "
+        f"{s['workers']} worker{'s' if s['workers'] != 1 else ''}"
+        + (", PAUSED" if s["paused"] else "") + ("" if s["in_window"] else ", outside the reduction window"),
+        f"queue: {s['queue_depth']} waiting or running  (pending {q['pending']}, running {q['running']}, "
+        f"done {q['done']}, failed {q['failed']})",
+    ]  # fmt: skip
+    for job in s["running"]:
+        lines.append(f"running: job {job['job']} {job['path']} [{job['policy']}] "
+                     f"{job['progress']:.0%} ({job['modules_done']}/{job['modules_total']} modules, {job['seconds']:.0f}s)")  # fmt: skip
+    if not s["running"]:
+        lines.append("running: nothing")
+    if s.get("waiting"):
+        lines.append(f"waiting: {s['waiting']}")
+    saved = s["saved_bytes"]
+    share = f" ({saved / s['original_bytes']:.0%})" if s["original_bytes"] else ""
+    lines.append(f"space: {s['loras']} LoRAs, originals {human_bytes(s['original_bytes'])}, "
+                 f"now {human_bytes(s['active_bytes'])}, saved {human_bytes(saved)}{share}")  # fmt: skip
+    for w in s["watch"]:
+        lines.append(f"watching: {w['path']} (policy {w['policy']})")
+    if s.get("refused_files"):
+        lines.append(f"refused: {s['refused_files']} file(s) not taken (`lorad list` says why)")
+    return "\n".join(lines)
+
+
+def _active(lora: dict[str, Any]) -> dict[str, Any] | None:
+    return next((v for v in lora["variants"] if v["active"]), None)
+
+
+def render_list(loras: list[dict[str, Any]]) -> str:
+    rows = []
+    for x in loras:
+        if x["id"] is None:
+            continue  # a refused path: listed below
+        active = _active(x)
+        path = x["path"] + ("/" if x.get("kind") == "folder" else "")  # an adapter folder, as `ls -p`
+        rows.append([
+            str(x["id"]), path, human_bytes(x["original_bytes"]), human_bytes(x["active_bytes"]),
+            _variant_label(active) if active else "-", _servers(active) if active else "-", str(len(x["variants"])),
+        ])  # fmt: skip
+    header = ["ID", "PATH", "ORIGINAL", "NOW", "ACTIVE", "SERVES", "VARIANTS"]
+    lines = [table(rows, header) if rows else "no LoRAs recorded yet"]
+    refused = [x for x in loras if x.get("refused")]
+    if refused:
+        lines += ["", "refused (fix the file, then `lorad rescan`):"]
+        lines += [f"  {x['path']}: {x['refused']['cause']}: {x['refused']['reason']}" for x in refused]
+    return "\n".join(lines)
+
+
+def _variant_label(v: dict[str, Any]) -> str:
+    if v["kind"] == "original":
+        return f"#{v['id']} original"
+    param = "" if v["param"] is None else f"{v['param']:g}"
+    return f"#{v['id']} {v['method']}{param}"
+
+
+def _servers(v: dict[str, Any]) -> str:
+    """The serving hosts whose rank rules the variant meets as it is ("?": ranks unknown)."""
+    servers = v.get("servers")
+    if servers is None:
+        return "?"
+    return ",".join(servers) if servers else "-"
+
+
+def _ranks(v: dict[str, Any]) -> str:
+    span = v.get("ranks")
+    if not span:
+        return "?"
+    return str(span["min"]) if span["uniform"] else f"{span['min']}-{span['max']}"
+
+
+def render_variants(x: dict[str, Any]) -> str:
+    rows = []
+    for v in x["variants"]:
+        fro = "-" if v["fro_retained"] is None else f"{v['fro_retained']:.4f}"
+        rows.append(["*" if v["active"] else "", str(v["id"]), v["kind"], v["method"] or "-",
+                     "-" if v["param"] is None else f"{v['param']:g}", human_bytes(v["bytes"]), fro,
+                     _ranks(v), _servers(v)])  # fmt: skip
+    return table(rows, ["", "VARIANT", "KIND", "METHOD", "PARAM", "SIZE", "FRO_RETAINED", "RANKS", "SERVES"])
+
+
+def render_show(x: dict[str, Any]) -> str:
+    refused = x.get("refused")
+    if x["id"] is None:
+        return f"{x['path']}: refused since {refused['since']}: {refused['cause']}: {refused['reason']}"
+    kind = ", adapter folder" if x.get("kind") == "folder" else ""
+    lines = [f"{x['path']}  (id {x['id']}, policy {x['policy']}{kind})", "", render_variants(x)]
+    if x.get("mirror"):
+        lines[1:1] = [f"mirrored to {x['mirror']}: the active variant is there; the path keeps the original"]
+    ruled = [v for v in x["variants"] if v.get("rank_rule") or v.get("serve")]
+    if ruled:
+        lines.append("")
+        lines += [f"variant {v['id']}: made for {v.get('serve') or 'a rank rule'}: {v.get('rank_rule') or '-'}"
+                  for v in ruled]  # fmt: skip
+    if refused:
+        lines += ["", f"its file is refused since {refused['since']}: {refused['cause']}: {refused['reason']}"]
+    decisions = [e for e in x.get("events", []) if e["kind"] == "decided"]
+    if decisions:
+        lines.append("")
+        for e in decisions:
+            verdict = "activated" if e["detail"].get("activate") else "not activated"
+            lines.append(f"variant {e['variant']}: {verdict}: {e['detail'].get('reason')}")
+    failed = [j for j in x.get("jobs", []) if j["state"] == "failed"]
+    for j in failed:
+        lines.append(f"job {j['id']} [{j['policy']}] failed: {j['error']}")
+    return "\n".join(lines)
+
+
+_HASH_NAMES = {"sha256": "sha256", "autov1": "AutoV1", "autov2": "AutoV2", "autov3": "AutoV3", "addnet": "addnet",
+               "blake3": "BLAKE3", "crc32": "CRC32", "sshs_model_hash": "sshs_model_hash",
+               "sshs_legacy_hash": "sshs_legacy_hash"}  # fmt: skip
+
+
+def _hit_label(h: dict[str, Any]) -> str:
+    label = f"{_HASH_NAMES.get(h['kind'], h['kind'])} {h['value']}"
+    return label + (f" (claimed by {h['source']})" if h["claimed"] else "")
+
+
+def render_find(r: dict[str, Any]) -> str:
+    pending = r.get("blake3_pending") or 0
+    note = (f"({pending} stored file{'s have' if pending != 1 else ' has'} no BLAKE3 yet; "
+            "`lorad verify` computes them)") if pending else ""  # fmt: skip
+    if not r["matches"]:
+        return f"no LoRA has a hash beginning {r['query']}" + (f"\n{note}" if note else "")
+    lines = []
+    for m in r["matches"]:
+        lora, variant = m["lora"], m["variant"]
+        active = _active(lora)
+        hits = "; ".join(_hit_label(h) for h in m["hits"])
+        lines.append(f"{lora['path']}  (LoRA {lora['id']})")
+        if variant is not None:
+            lines.append(f"  variant {_variant_label(variant)}{' (active)' if m['active'] else ''}: {hits}")
+        else:
+            lines.append(f"  {hits}: no stored variant has these bytes")
+        lines.append(f"  active: {_variant_label(active) if active else '-'}")
+    if note:
+        lines.append(note)
+    return "\n".join(lines)
+
+
+def render_rescan(r: dict[str, Any]) -> str:
+    retried = r.get("retried_jobs") or []
+    return "rescan requested" + (f"; {len(retried)} failed job(s) queued again" if retried else "")
+
+
+def render_switched(x: dict[str, Any]) -> str:
+    active = _active(x)
+    label = _variant_label(active) if active else "?"
+    return f"{x['path']} now holds variant {label} ({human_bytes(x['active_bytes'])})"
+
+
+def render_enqueued(r: dict[str, Any]) -> str:
+    job = r["job"]
+    verb = "queued" if r["created"] else f"already known ({job['state']})"
+    return f"job {job['id']} for {r['lora']['path']} under policy {job['policy']}: {verb}"
+
+
+def render_verify(r: dict[str, Any]) -> str:
+    lines = [f"verify: {'ok' if r['ok'] else 'PROBLEMS FOUND'}; {r['blobs_checked']} blobs checked"]
+    for key in ("corrupt", "missing", "repaired", "stray", "missing_files", "unsettled", "temp_removed"):
+        if r[key]:
+            lines.append(f"  {key.replace('_', ' ')}: {len(r[key])}")
+    for ref in r.get("refused", []):
+        lines.append(f"  refused {ref['path']}: {ref['reason']}")
+    for rec in r["reconciled"]:
+        lines.append(f"  reconciled {rec['path']}: variant {rec['from']} -> {rec['to']}"
+                     + (" (new original)" if rec["new_original"] else ""))  # fmt: skip
+    return "\n".join(lines)
+
+
+def render_gc(r: dict[str, Any]) -> str:
+    verb = "freed" if r["executed"] else "would free"
+    text = f"gc: {verb} {human_bytes(r['bytes_freed'])}: {len(r['variants'])} variants, " \
+           f"{len(r['blobs'])} blobs, {len(r['stray'])} stray files"
+    return text if r["executed"] else text + "\n(dry run; `lorad gc --apply` to collect)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def status_command(args: argparse.Namespace) -> int:
+    return emit(args, call(args, "status"), render_status)
+
+
+def list_command(args: argparse.Namespace) -> int:
+    folder = _abs(args.folder) if args.folder else None
+    return emit(args, call(args, "list", folder=folder), render_list)
+
+
+def show_command(args: argparse.Namespace) -> int:
+    target: int | str = int(args.target) if args.target.isdigit() else _abs(args.target)
+    return emit(args, call(args, "show", target=target), render_show)
+
+
+def find_command(args: argparse.Namespace) -> int:
+    result = call(args, "find", hash=args.hash)
+    emit(args, result, render_find)
+    return 0 if result["matches"] else 1  # as grep: scripts can test for "found"
+
+
+def revert_command(args: argparse.Namespace) -> int:
+    return emit(args, call(args, "revert", path=_abs(args.path)), render_switched)
+
+
+def switch_command(args: argparse.Namespace) -> int:
+    return emit(args, call(args, "switch", path=_abs(args.path), variant=args.variant), render_switched)
+
+
+def _enqueue(args: argparse.Namespace) -> int:
+    result = call(args, "reduce", path=_abs(args.path), policy=getattr(args, "policy", None))
+    return emit(args, result, render_enqueued)
+
+
+# `lorad enqueue PATH [--policy P]`, and `lorad reduce PATH --policy P` (routed here by
+# _cli_reduce): args need .path, .policy, .json, .socket, .config.
+enqueue_command = _scriptable(_enqueue)
+
+
+def _simple(method: str, render: Render) -> Callable[[argparse.Namespace], int]:
+    def command(args: argparse.Namespace) -> int:
+        return emit(args, call(args, method), render)
+
+    return command
+
+
+def gc_command(args: argparse.Namespace) -> int:
+    return emit(args, call(args, "gc", dry_run=not args.apply), render_gc)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", type=Path, help="the daemon's socket (default: from --config, $LORAD_SOCKET or the default path)")
+    p.add_argument("--config", type=Path, help="read the socket path from this daemon config")
+    p.add_argument("--json", action="store_true", help="print the reply as JSON (for scripts)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _common(p)
+        p.set_defaults(func=_scriptable(func))
+        return p
+
+    add("status", status_command, "queue depth, the running job and its progress, device, space saved")
+    p = add("list", list_command, "watched LoRAs with their variants")
+    p.add_argument("folder", nargs="?", help="only LoRAs under this folder")
+    p = add("show", show_command, "one LoRA: variants, policy decisions, jobs, per-module metrics")
+    p.add_argument("target", help="the LoRA's path or id")
+    p = add("find", find_command, "which LoRA and variant a hash names (exit status 1: none)")
+    p.add_argument("hash", help="sha256 or a prefix of 8+ hex digits, AutoV2, AutoV3, sshs_model_hash, BLAKE3 "
+                                "(optionally as kind:HEX, e.g. blake3:...)")
+    p = add("revert", revert_command, "put the original back at PATH")
+    p.add_argument("path")
+    p = add("switch", switch_command, "make VARIANT the file at PATH")
+    p.add_argument("path")
+    p.add_argument("variant", type=int, help="variant id (see `lorad show PATH`)")
+    p = add("enqueue", _enqueue, "ask the daemon to reduce a watched file now")
+    p.add_argument("path")
+    p.add_argument("--policy", help="use this policy instead of the folder's")
+    add("pause", _simple("pause", lambda r: "paused: no new job starts (the running one finishes)"), "start no new jobs")
+    add("resume", _simple("resume", lambda r: "resumed"), "start jobs again")
+    add("rescan", _simple("rescan", render_rescan), "reconcile every watched folder now; retry jobs that failed for passing reasons")
+    add("verify", _simple("verify", render_verify), "re-hash the store and the watched files; repair records")
+    p = add("gc", gc_command, "collect unreferenced reduced variants (a dry run unless --apply)")
+    p.add_argument("--apply", action="store_true", help="collect for real")
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """A plain left-aligned text table."""
+    cells = [header, *rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

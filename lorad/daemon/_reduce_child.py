@@ -1,0 +1,234 @@
+"""The reduction process: one job's engine run, in a process of its own that exits when it is done.
+
+Why a process per job: a CUDA context, and the blocks torch's caching allocator keeps, go back to
+the driver only when the process that made them exits. The daemon itself never imports torch, so
+while it is idle it holds no GPU memory and no CUDA context, and a crash or a hang inside torch
+cannot take the daemon down with it.
+
+    python -m lorad.daemon._reduce_child --fd N --parent PID [--job ID]   (the spec as JSON on stdin)
+    python -m lorad.daemon._reduce_child --probe-device auto             (prints cpu or cuda)
+    python -m lorad.daemon._reduce_child --check-folder DIR [--nice N]   (open_lora on an adapter folder;
+                                                                   prints {"ok": ...} as JSON)
+
+The child first makes itself polite (niceness, idle I/O class, a bounded number of torch threads),
+before any thread exists, so every thread torch starts later inherits it. It then runs the engine
+on the stored original, writes the output file where the spec says, and reports on descriptor N
+as JSON lines: one `started`, any number of `progress`, then exactly one `report` or `error`.
+An adapter folder's original is a tree in the store (lorad.library.trees): the spec's `tree` lists its
+entries, which the child copies out of the store into `src` (a folder in the work area, each
+blob's bytes checked on the way) before the engine reduces that folder into the folder `dst`.
+The parent (lorad.daemon.worker) records the variant and applies the policy; the child touches no
+database and no watched folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import ctypes
+import json
+import os
+import pickle
+import platform
+import signal
+import sys
+import time
+import traceback
+from typing import Any
+
+# Test hook (like store.py's crash points): seconds to pause after each module, so end-to-end tests
+# can act on a job that is surely still running. Unset in any real deployment.
+MODULE_DELAY_ENV = "LORAD_TEST_MODULE_DELAY"
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+_PR_SET_PDEATHSIG = 1
+# ioprio_set / ioprio_get by architecture (not in Python's os module).
+_IOPRIO_SYSCALLS = {"x86_64": (251, 252), "aarch64": (30, 31), "arm64": (30, 31)}
+IOPRIO_CLASS_SHIFT = 13
+IOPRIO_CLASS_IDLE = 3
+IOPRIO_WHO_PROCESS = 1
+IOPRIO_CLASSES = {0: "none", 1: "realtime", 2: "best-effort", 3: "idle"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Priority (also used by tests to read a process's I/O class back from the kernel)
+
+
+def ioprio_get(pid: int) -> str | None:
+    """The I/O scheduling class of `pid` as the kernel reports it, or None where unsupported."""
+    numbers = _IOPRIO_SYSCALLS.get(platform.machine())
+    if numbers is None:
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    value = libc.syscall(numbers[1], IOPRIO_WHO_PROCESS, pid)
+    if value < 0:
+        return None
+    return IOPRIO_CLASSES.get(value >> IOPRIO_CLASS_SHIFT, str(value >> IOPRIO_CLASS_SHIFT))
+
+
+def _ioprio_idle() -> bool:
+    numbers = _IOPRIO_SYSCALLS.get(platform.machine())
+    if numbers is None:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(numbers[0], IOPRIO_WHO_PROCESS, 0, IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT) == 0
+
+
+def lower_priority(nice: int, io_idle: bool) -> dict[str, Any]:
+    """Raise this process's niceness to `nice` (never lower it: under systemd Nice= may already be
+    higher) and put its I/O in the idle class. Per-thread on Linux: call before threads exist."""
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if nice > current:
+        os.nice(nice - current)
+    idle = _ioprio_idle() if io_idle else False
+    return {"nice": os.getpriority(os.PRIO_PROCESS, 0), "io_class": ioprio_get(0) or ("idle" if idle else None)}
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL this process when the daemon dies (even by SIGKILL): an orphaned reduction would go
+    on holding the GPU with nobody to record its result."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (AttributeError, OSError):
+        pass
+    if os.getppid() != parent:  # the parent died before the prctl took effect
+        os._exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages
+
+
+def encode_report(report: Any) -> str:
+    """The Report for the parent. Pickled: the parent is the daemon that started this very code,
+    so whatever fields the Report grows travel whole (no schema to keep in step)."""
+    return base64.b64encode(pickle.dumps(report, protocol=pickle.HIGHEST_PROTOCOL)).decode("ascii")
+
+
+def decode_report(text: str) -> Any:
+    # Only ever the output of our own child, read from a pipe no one else holds.
+    return pickle.loads(base64.b64decode(text))  # noqa: S301
+
+
+class _Channel:
+    def __init__(self, fd: int) -> None:
+        self._out = os.fdopen(fd, "w", encoding="utf-8", buffering=1)
+
+    def send(self, event: str, **fields: Any) -> None:
+        self._out.write(json.dumps({"event": event, **fields}, default=str) + "\n")
+        self._out.flush()
+
+
+def _classify(error: BaseException) -> str:
+    from lorad.errors import FormatError, ReduceError, TransientError
+
+    # TransientError first: OutputWriteError is a ReduceError too, and a full disk is not the
+    # input's fault.
+    if isinstance(error, TransientError):
+        return "transient"
+    if isinstance(error, (FormatError, ReduceError)):
+        return "permanent"
+    return "transient"
+
+
+def run(spec: dict[str, Any], channel: _Channel) -> None:
+    applied = lower_priority(int(spec.get("nice", 0)), bool(spec.get("io_idle", False)))
+    import torch
+
+    threads = int(spec.get("threads") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    channel.send("started", pid=os.getpid(), threads=torch.get_num_threads(), device=spec["settings"]["device"],
+                 **applied)  # fmt: skip
+
+    from lorad.engine.engine import ReduceSettings, reduce_file
+
+    delay = float(os.environ.get(MODULE_DELAY_ENV) or 0)
+
+    def progress(done: int, total: int) -> None:
+        channel.send("progress", done=done, total=total)
+        if delay:
+            time.sleep(delay)
+
+    try:
+        if spec.get("tree") is not None:
+            _materialize_tree(spec["tree"], spec["src"])
+        report = reduce_file(spec["src"], spec["dst"], ReduceSettings(**spec["settings"]), progress=progress)
+    except Exception as e:  # noqa: BLE001 - every failure goes to the parent, classified
+        kind = _classify(e)
+        if kind == "transient":
+            traceback.print_exc(file=sys.stderr)
+        channel.send("error", type=type(e).__name__, message=str(e), kind=kind)
+        return
+    channel.send("report", report=encode_report(report))
+
+
+def _materialize_tree(tree: dict[str, Any], dest: str) -> None:
+    """Copy a stored tree's entries ([name, sha256, mode, blob path]) into the new folder `dest`."""
+    from pathlib import Path
+
+    from lorad._fileio import open_regular
+    from lorad.library import trees
+    from lorad.library.store import copy_verified
+
+    folder = Path(dest)
+    folder.mkdir(mode=0o700)
+    blobs = {sha: Path(blob) for _name, sha, _mode, blob in tree["entries"]}
+    entries = [trees.Entry(name, sha, mode) for name, sha, mode, _blob in tree["entries"]]
+
+    def fill(entry: trees.Entry, fd: int) -> None:
+        with open_regular(blobs[entry.sha256]) as src:
+            copy_verified(src, fd, entry.sha256)
+
+    trees.write_entries(entries, folder, fill)
+
+
+def check_folder(path: str, nice: int) -> dict[str, Any]:
+    """open_lora on an adapter folder: {"ok": true} or {"ok": false, "type", "message"}."""
+    lower_priority(nice, True)
+    try:
+        from lorad.engine.formats.lora import open_lora
+
+        open_lora(path)
+    except Exception as e:  # noqa: BLE001 - the verdict goes to the parent
+        return {"ok": False, "type": type(e).__name__, "message": str(e)}
+    return {"ok": True}
+
+
+def probe_device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    # NVML's device count instead of cuInit: the probe needs no CUDA context either.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lorad.daemon._reduce_child")
+    ap.add_argument("--fd", type=int)
+    ap.add_argument("--parent", type=int)
+    ap.add_argument("--job", default="?", help="for ps and logs only")
+    ap.add_argument("--probe-device")
+    ap.add_argument("--check-folder")
+    ap.add_argument("--nice", type=int, default=10)
+    args = ap.parse_args(argv)
+    if args.probe_device:
+        print(probe_device(args.probe_device))
+        return 0
+    if args.check_folder:
+        print(json.dumps(check_folder(args.check_folder, args.nice)))
+        return 0
+    _die_with_parent(args.parent)
+    # The parent decides when a job stops: a terminal's Ctrl-C or a service manager's SIGTERM to
+    # the whole group must not cut a reduction the daemon means to finish within its grace.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    spec = json.load(sys.stdin)
+    run(spec, _Channel(args.fd))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

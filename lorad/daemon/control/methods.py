@@ -1,0 +1,253 @@
+"""The daemon's control methods: params (already validated by the protocol) -> a JSON result.
+
+Every path a client names must lie inside a watched folder, else `outside_watch`; unknown LoRAs
+are `not_found`. Mutations go through the Library, which records the caller as the actor.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from lorad import __version__
+from lorad.daemon.control.protocol import INT_MAX, VERSION, Code, ControlError
+from lorad.daemon.control.server import Handler, Peer
+from lorad.daemon.control.views import find_json, lora_json, refused_path_json, saved_bytes
+from lorad.engine.formats.safetensors_file import is_complete
+from lorad.errors import StoreError
+from lorad.library.hashes import HashQueryError
+
+if TYPE_CHECKING:
+    from lorad.daemon.config import Config, Policy
+    from lorad.daemon.queue import JobView, Queue
+    from lorad.daemon.watch import Signature, Watcher
+    from lorad.daemon.worker import Gate
+    from lorad.library.library import Library
+
+
+class DaemonParts(Protocol):
+    """What the control methods use of the running daemon (lorad.daemon.daemon.Daemon has it)."""
+
+    config: Config
+    library: Library
+    queue: Queue
+    gate: Gate
+    watcher: Watcher
+    workers: Sequence[object]
+    device: str
+    started: float  # time.monotonic() at start
+
+    def waiting(self) -> str | None: ...
+    def running_jobs(self) -> list[dict[str, Any]]: ...
+    def watched(self, text: str | os.PathLike[str]) -> Path: ...
+    def put(self, operation: Callable[[], Any]) -> Any: ...
+    def ingest(self, path: Path, policy: str, actor: str, sig: Signature | None = None) -> Any: ...
+    def enqueue_original(self, view: Any, policy: Policy, explicit: bool = False) -> tuple[JobView, bool]: ...
+    def retry(self) -> list[int]: ...
+    def collect(self, dry_run: bool, actor: str) -> Any: ...
+
+
+def build(daemon: DaemonParts) -> dict[str, Handler]:
+    m = Methods(daemon)
+    return {name: getattr(m, name) for name in (
+        "hello", "status", "list", "show", "find", "report", "revert", "switch", "reduce",
+        "pause", "resume", "rescan", "verify", "gc",
+    )}  # fmt: skip
+
+
+class Methods:
+    def __init__(self, daemon: DaemonParts) -> None:
+        self.d = daemon
+
+    # reading -----------------------------------------------------------------------------
+
+    def hello(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        return {"v": VERSION, "daemon": "lorad", "version": __version__, "pid": os.getpid(),
+                "methods": sorted(build(self.d))}  # fmt: skip
+
+    def status(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        d = self.d
+        loras = [lora_json(v) for v in d.library.loras()]
+        original, active, saved = saved_bytes(loras)
+        counts = d.queue.counts()
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - d.started, 1),
+            "device": d.device,
+            "workers": len(d.workers),
+            "paused": d.gate.paused,
+            "in_window": d.gate.in_window,
+            "waiting": d.waiting(),
+            "queue": counts,
+            "queue_depth": counts["pending"] + counts["running"],
+            "running": d.running_jobs(),
+            "loras": len(loras),
+            "original_bytes": original,
+            "active_bytes": active,
+            "saved_bytes": saved,
+            "watch": [{"path": str(w.path), "policy": w.policy, "recursive": w.recursive} for w in d.config.watch],
+            "watcher_alive": d.watcher.alive(),
+            "reconciles": d.watcher.reconciles,
+            "pending_files": len(d.watcher.settler.pending()),
+            "refused_files": len(d.watcher.refused()),
+        }
+
+    def list(self, params: dict[str, Any], peer: Peer) -> list[dict[str, Any]]:
+        folder = params.get("folder")
+        prefix = self.d.watched(folder) if folder else None
+        loras = [lora_json(v) for v in self.d.library.loras()]
+        loras += [self._refused_json(r) for r in self.d.library.refusals() if r.lora_id is None]
+        if prefix is not None:
+            loras = [x for x in loras if Path(x["path"]) == prefix or prefix in Path(x["path"]).parents]
+        return sorted(loras, key=lambda x: x["path"])
+
+    def show(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        refused = self._refused_only(params["target"])
+        if refused is not None:
+            return refused
+        ref = self._lora_ref(params["target"])
+        try:
+            view = self.d.library.lora(ref)
+        except StoreError as e:
+            raise ControlError(Code.NOT_FOUND, str(e)) from None
+        doc = lora_json(view)
+        doc["jobs"] = [j.to_json() for j in self.d.queue.jobs(lora_id=view.id)]
+        doc["events"] = [
+            {"at": e.at.isoformat(), "kind": e.kind, "actor": e.actor, "variant": e.variant_id, "detail": e.detail}
+            for e in self.d.library.events(view.id, limit=50)
+        ]
+        doc["modules"] = self.d.library.module_metrics(view.active_variant_id) if view.active_variant_id else []
+        return doc
+
+    def find(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        try:
+            return find_json(self.d.library.find_hash(params["hash"]))
+        except HashQueryError as e:
+            raise ControlError(Code.BAD_PARAMS, f"find: {e}") from None
+
+    def report(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        from lorad.report import docs as report_docs
+
+        target, everything = params.get("target"), params["all"]
+        if (target is None) == (not everything):
+            raise ControlError(Code.BAD_PARAMS, "report: give a LoRA (target) or all=true, not both")
+        if everything:
+            return report_docs.library_doc(self.d.library)
+        try:
+            return report_docs.lora_doc(self.d.library, self._lora_ref(target))
+        except StoreError as e:
+            raise ControlError(Code.NOT_FOUND, str(e)) from None
+
+    # changing ----------------------------------------------------------------------------
+
+    def revert(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        path = self._known(params["path"])
+        return lora_json(self.d.put(lambda: self.d.library.revert(path, actor=peer.actor())))
+
+    def switch(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        path = self._known(params["path"])
+        variant = params["variant"]
+        view = self.d.library.lora(path)
+        if view.variant(variant) is None:
+            have = ", ".join(str(v.id) for v in view.variants)
+            raise ControlError(Code.NOT_FOUND, f"{path} has no variant {variant} (it has: {have})")
+        return lora_json(self.d.put(lambda: self.d.library.switch(path, variant, actor=peer.actor())))
+
+    def reduce(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        path = self.d.watched(params["path"])
+        watch = self.d.config.watch_for(path)
+        name = params.get("policy") or (watch.policy if watch else None)
+        policy = self.d.config.policies.get(name or "")
+        if policy is None:
+            raise ControlError(Code.NOT_FOUND, f"no policy named {name!r} (defined: {', '.join(self.d.config.policies)})")
+        if not path.is_file():
+            raise ControlError(Code.NOT_FOUND, f"{path}: no such file")
+        if not is_complete(path):
+            raise ControlError(Code.CONFLICT, f"{path}: not a complete safetensors file (still being written?)")
+        view = self.d.ingest(path, watch.policy if watch else policy.name, actor=peer.actor())
+        job, created = self.d.enqueue_original(view, policy, explicit=True)
+        return {"job": job.to_json(), "created": created, "lora": lora_json(view)}
+
+    def pause(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        self.d.gate.set_paused(True)
+        return {"paused": True, "running": self.d.running_jobs()}
+
+    def resume(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        self.d.gate.set_paused(False)
+        return {"paused": False}
+
+    def rescan(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        before = self.d.watcher.reconciles
+        self.d.watcher.request_reconcile(f"requested by uid {peer.uid}")
+        # A rescan is "look again": jobs that failed for reasons that may have passed (a full disk)
+        # are tried again too, not only at the next retry timer.
+        retried = self.d.retry()
+        return {"requested": True, "reconciles_before": before, "retried_jobs": retried}
+
+    def verify(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        report = self.d.library.verify(actor=peer.actor())
+        return {
+            "ok": report.ok,
+            "blobs_checked": report.blobs_checked,
+            "corrupt": list(report.corrupt),
+            "missing": list(report.missing),
+            "repaired": list(report.repaired),
+            "stray": list(report.stray),
+            "reconciled": [{"lora": r.lora_id, "path": str(r.path), "from": r.from_variant, "to": r.to_variant,
+                            "new_original": r.new_original} for r in report.reconciled],  # fmt: skip
+            "missing_files": [str(p) for p in report.missing_files],
+            "unsettled": [str(p) for p in report.unsettled],
+            "refused": [{"path": str(p), "reason": reason} for p, reason in report.refused],
+            "temp_removed": [str(p) for p in report.temp_removed],
+        }
+
+    def gc(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        plan = self.d.collect(dry_run=params["dry_run"], actor=peer.actor())
+        return {
+            "executed": plan.executed,
+            "variants": list(plan.variants),
+            "blobs": [{"sha256": sha, "bytes": n} for sha, n in plan.blobs],
+            "stray": [{"sha256": sha, "bytes": n} for sha, n in plan.stray],
+            "bytes_freed": plan.bytes_freed,
+        }
+
+    # helpers -----------------------------------------------------------------------------
+
+    def _lora_ref(self, target: int | str) -> int | Path:
+        """A LoRA id (a number, or ASCII digits) or a watched path."""
+        if isinstance(target, str) and target.isascii() and target.isdigit():
+            target = int(target)  # under PATH_MAX digits: within Python's int-string limit
+            if target > INT_MAX:  # SQLite could not even be asked
+                raise ControlError(Code.NOT_FOUND, f"no LoRA with id {target}")
+        if isinstance(target, int):
+            return target
+        return self.d.watched(target)
+
+    def _refused_json(self, r: Any) -> dict[str, Any]:
+        watch = self.d.config.watch_for(r.path)
+        return refused_path_json(r, watch.path if watch else r.path.parent, watch.policy if watch else None)
+
+    def _refused_only(self, target: int | str) -> dict[str, Any] | None:
+        """`show` of a watched path lorad refused and holds no LoRA for: the refusal. Looked up
+        by the name as given (a symlink leading outside is refused under its own name)."""
+        if not isinstance(target, str) or target.isdigit():
+            return None
+        path = os.path.abspath(os.path.expanduser(target))
+        if self.d.config.watch_for(Path(path)) is None:
+            return None
+        refusal = self.d.library.refusal(path)
+        if refusal is None or refusal.lora_id is not None:
+            return None
+        return {**self._refused_json(refusal), "jobs": [], "events": [], "modules": []}
+
+    def _known(self, text: str) -> Path:
+        path = self.d.watched(text)
+        try:
+            self.d.library.lora(path)
+        except StoreError as e:
+            raise ControlError(Code.NOT_FOUND, str(e)) from None
+        return path

@@ -1,0 +1,612 @@
+"""Workers: claim a job, reduce the stored original in a reduction process of its own, record the
+variant, let the policy decide whether it becomes the file at the watched path.
+
+Each job runs the engine in a fresh child process (lorad.daemon._reduce_child) that exits when the job is
+done: a CUDA context and torch's cached GPU blocks are given back only when the process holding
+them exits, so the daemon, which never imports torch, holds no GPU memory while idle. The child
+lowers its own priority (niceness, idle I/O class) and bounds torch's threads before it starts.
+
+A failing job is recorded on its row and never stops its worker. Errors that may pass (a full disk,
+a killed or crashed child) are retried with backoff and never fail a job for good; errors in the
+input are permanent. While a job runs, a heartbeat renews its lease and the child's progress is
+recorded; on shutdown a job either finishes within the grace period or is abandoned (its child
+killed) and given back to the queue, so no half-made variant is ever recorded. Before a job
+starts, a busy GPU (someone generating) makes the worker wait.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorad import errors
+from lorad._atomic import remove_tree, temp_name
+from lorad.daemon._reduce_child import MODULE_DELAY_ENV, THREAD_ENV, decode_report
+from lorad.daemon.config import Config, GpuBusy, Policy
+from lorad.daemon.queue import JobView, LeaseLost, Queue, error_text
+from lorad.errors import FormatError, LoradError, ReduceError, StoreError, TransientError
+from lorad.library.db import repo
+from lorad.log import get_logger
+
+log = get_logger("lorad.worker")
+
+__all__ = ["MODULE_DELAY_ENV", "Decision", "Gate", "GpuProbe", "Runner", "Worker", "decide"]
+
+
+class PolicyMissing(LoradError):
+    """The job names a policy (or a LoRA) that no longer exists: it cannot run as recorded."""
+
+
+class JobAbandoned(Exception):
+    """Raised from the progress callback when the daemon stops before the job could finish."""
+
+
+class ChildFailed(TransientError):
+    """The reduction process was killed, crashed, or failed in a way that may not recur."""
+
+
+PERMANENT = (FormatError, ReduceError, PolicyMissing)
+OOM_NOTE = "out of memory:"
+# Test hook: a file holding "<utilisation %> <free MiB>", read instead of NVML, so tests on
+# machines without a GPU can make the GPU look busy or free. Unset in any real deployment.
+GPU_STATE_ENV = "LORAD_TEST_GPU_STATE"
+CHILD_MODULE = "lorad.daemon._reduce_child"
+POLL_SECONDS = 0.1  # how often a running job looks for an abandon request between messages
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy's decision: pure
+
+
+@dataclass(frozen=True)
+class Decision:
+    activate: bool
+    reason: str
+    saving: float  # fraction of the original's bytes saved
+    fro_retained: float | None  # the whole file's energy-weighted retained Frobenius ratio
+    refused_by: str | None = None  # the policy setting that refused the variant
+    would_pass: float | None = None  # the loosest value of that setting the variant fails, relaxed
+
+    def to_json(self) -> dict[str, object]:
+        return {"activate": self.activate, "reason": self.reason, "saving": round(self.saving, 6),
+                "fro_retained": self.fro_retained, "refused_by": self.refused_by,
+                "would_pass": self.would_pass}  # fmt: skip
+
+
+def _floor(x: float, digits: int) -> float:
+    return math.floor(x * 10**digits) / 10**digits
+
+
+def decide(policy: Policy, bytes_in: int, bytes_out: int, fro_retained: float | None) -> Decision:
+    """Whether a variant should be activated under `policy`, and why (or why not). A refusal names
+    the setting (policies.<name>.<key>) and the value of it that would have let the variant pass."""
+    saving = 1.0 - bytes_out / bytes_in if bytes_in > 0 else 0.0
+    fro_text = "n/a" if fro_retained is None else f"{fro_retained:.4f}"
+    where = f"policies.{policy.name}"
+    if saving < policy.min_saving:
+        if saving > 0:
+            passing: float | None = _floor(saving, 3)
+            hint = f"min_saving {passing:.1%} or lower would have passed"
+        else:
+            passing, hint = None, "no min_saving passes a variant that is not smaller than its original"
+        reason = (f"saves {saving:.1%}, less than min_saving {policy.min_saving:.1%} "
+                  f"(set by {where}.min_saving); {hint}")  # fmt: skip
+        return Decision(False, reason, saving, fro_retained, "min_saving", passing)
+    floor = policy.min_fro_retained
+    if floor is not None and (fro_retained is None or fro_retained < floor):
+        if fro_retained is None:
+            passing, hint = None, "the variant reports no retained norm; only removing the setting passes it"
+        else:
+            passing = _floor(fro_retained, 4)
+            hint = f"min_fro_retained {passing:.4f} or lower would have passed"
+        reason = (f"keeps {fro_text} of the file's Frobenius norm, less than min_fro_retained {floor} "
+                  f"(set by {where}.min_fro_retained); {hint}")  # fmt: skip
+        return Decision(False, reason, saving, fro_retained, "min_fro_retained", passing)
+    if policy.activate == "manual":
+        reason = f"passes (saves {saving:.1%}, keeps {fro_text}) but policy {policy.name} activates manually"
+        return Decision(False, reason, saving, fro_retained, "activate", None)
+    return Decision(True, f"saves {saving:.1%}, keeps {fro_text} of the file's Frobenius norm", saving, fro_retained)
+
+
+def settings_for(policy: Policy, device: str) -> dict[str, Any]:
+    """The engine's ReduceSettings as plain data for the reduction process."""
+    return {"method": policy.method, "param": policy.param, "max_rank": policy.max_rank,
+            "budget_mb": policy.budget_mb, "device": device, "kohya_compat": policy.kohya_compat,
+            "rank_multiple": policy.rank_multiple, "uniform": policy.uniform, "serve": policy.serve}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The reduction process
+
+
+def child_env(threads: int) -> dict[str, str]:
+    """The daemon's environment with the thread count fixed before the OpenMP runtime loads."""
+    env = dict(os.environ)
+    for key in THREAD_ENV:
+        env[key] = str(threads)
+    return env
+
+
+def probe_device(requested: str) -> str:
+    """cpu or cuda for `auto`, asked of a short-lived process, so the daemon never loads torch."""
+    if requested != "auto":
+        return requested
+    out = subprocess.run([sys.executable, "-m", CHILD_MODULE, "--probe-device", requested],
+                         capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    answer = out.stdout.strip().splitlines()[-1:] if out.returncode == 0 else []
+    if answer and answer[0] in ("cpu", "cuda"):
+        return answer[0]
+    log.error("probing the device failed; using the CPU", stderr=out.stderr[-2000:])
+    return "cpu"
+
+
+def _rebuilt_error(kind: str, type_name: str, message: str) -> Exception:
+    """The child's error as the parent's exception, keeping its type name (the queue tells
+    permanent errors from the rest by that name)."""
+    cls = getattr(errors, type_name, None)
+    if isinstance(cls, type) and issubclass(cls, LoradError):
+        if kind == "transient" and not issubclass(cls, TransientError):
+            return ChildFailed(f"{type_name}: {message}")
+        return cls(message)
+    if kind == "permanent":
+        return ReduceError(f"{type_name}: {message}")
+    return ChildFailed(f"{type_name}: {message}")
+
+
+class ReductionProcess:
+    """One engine run in a child process: spawn, feed it the spec, follow its messages, reap it."""
+
+    def __init__(self, spec: dict[str, Any], threads: int, label: str) -> None:
+        self.spec = spec
+        self.threads = threads
+        self.label = label
+
+    def run(self, progress: Callable[[int, int], None]) -> Any:
+        """The Report; raises the child's error, ChildFailed when it died without one, or whatever
+        `progress` raises (JobAbandoned), after killing the child."""
+        read_fd, write_fd = os.pipe()
+        argv = [sys.executable, "-m", CHILD_MODULE, "--fd", str(write_fd), "--parent", str(os.getpid()),
+                "--job", self.label]  # fmt: skip
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, pass_fds=(write_fd,), env=child_env(self.threads))
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)  # the child holds the only write end: its exit is our EOF
+        try:
+            return self._follow(proc, read_fd, progress)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            os.close(read_fd)
+
+    def _follow(self, proc: subprocess.Popen[bytes], read_fd: int, progress: Callable[[int, int], None]) -> Any:
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(json.dumps(self.spec).encode())
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it died at once; the exit status says how
+        done = total = 0
+        outcome: dict[str, Any] | None = None
+        pending = b""
+        poller = select.poll()  # not select(): a busy daemon's descriptors may number over 1024
+        poller.register(read_fd, select.POLLIN)
+        while True:
+            if poller.poll(POLL_SECONDS * 1000):
+                chunk = os.read(read_fd, 1 << 16)
+                if not chunk:
+                    break
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    message = json.loads(line)
+                    event = message.pop("event")
+                    if event == "progress":
+                        done, total = message["done"], message["total"]
+                    elif event == "started":
+                        log.info("reduction process started", label=self.label, **message)
+                    else:
+                        outcome = {"event": event, **message}
+            progress(done, total)  # also between messages: lets the worker abandon the job
+        progress(done, total)  # an abandon asked for as the child finished still stands
+        code = proc.wait()
+        if outcome is not None and outcome["event"] == "report":
+            return decode_report(outcome["report"])
+        if outcome is not None and outcome["event"] == "error":
+            raise _rebuilt_error(outcome["kind"], outcome["type"], outcome["message"])
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        raise ChildFailed(f"the reduction process (pid {proc.pid}) {how} before it reported a result")
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one job
+
+
+_JOB_FOLDER = re.compile(r"\.?job-\d+-[0-9a-f]{12}-(in|out)(\.lorad-tmp)?")
+
+
+class Runner:
+    """Does one job: reduction process -> library.add_variant -> decision -> library.activate.
+
+    An adapter folder's job names its original tree: the child copies the tree's files out of the
+    store into a folder in the work area and reduces that into an output folder there, which the
+    library stores as a new tree."""
+
+    def __init__(self, library, config: Config, work_dir: Path, device: str,  # type: ignore[no-untyped-def]
+                 on_written: Callable[[Path], None] = lambda _p: None) -> None:  # fmt: skip
+        self.library = library
+        self.config = config
+        self.work_dir = work_dir
+        self.device = device
+        self._on_written = on_written
+        work_dir.mkdir(parents=True, exist_ok=True)
+        # Folders a killed run was working in (an adapter folder's job-N-<sha>-in/-out); nothing
+        # refers to them. Only those names: anything else here is not lorad's to remove.
+        for leftover in work_dir.iterdir():
+            if _JOB_FOLDER.fullmatch(leftover.name) and leftover.is_dir() and not leftover.is_symlink():
+                remove_tree(leftover)
+
+    def spec(self, policy: Policy, src: Path, dst: Path, tree: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"src": str(src), "dst": str(dst), "settings": settings_for(policy, self.device), "tree": tree,
+                "threads": self.config.cpu_threads, "nice": self.config.nice, "io_idle": self.config.io_idle}  # fmt: skip
+
+    def __call__(self, job: JobView, progress: Callable[[int, int], None]) -> int:
+        policy = self.config.policies.get(job.policy)
+        if policy is None:
+            raise PolicyMissing(f"policy {job.policy!r} is no longer in the config")
+        if job.lora_id is None:
+            raise PolicyMissing("the LoRA this job was for is no longer recorded")
+        entries = self.library.tree_entries(job.blob_sha256)
+        name = f"job-{job.id}-{job.blob_sha256[:12]}"
+        tree = None
+        if entries is None:
+            src, dst = self.library.store.path_of(job.blob_sha256), self.work_dir / f"{name}.safetensors"
+        else:
+            src, dst = self.work_dir / f"{name}-in", self.work_dir / f"{name}-out"
+            store = self.library.store
+            tree = {"entries": [[name, sha, mode, str(store.path_of(sha))] for name, sha, mode in entries]}
+            for leftover in (src, dst, temp_name(dst)):
+                remove_tree(leftover)  # an earlier attempt's, killed
+        child = ReductionProcess(self.spec(policy, src, dst, tree), self.config.cpu_threads, f"job-{job.id}")
+        try:
+            report = child.run(progress)
+            variant = self.library.add_variant(job.lora_id, report, actor="worker", source=job.blob_sha256)
+        finally:
+            for made in (dst, temp_name(dst), *([src] if tree is not None else [])):
+                remove_tree(made)  # what the child made (or was writing when killed)
+        decision = decide(policy, report.input.bytes, report.output.bytes, report.fro_retained_file)
+        decision = self._apply(job, policy, variant.id, decision)
+        self._record(job, policy, variant.id, decision, report)
+        log.info("job done", job=job.id, variant=variant.id, policy=policy.name, device=report.device,
+                 **decision.to_json())  # fmt: skip
+        return variant.id
+
+    def _apply(self, job: JobView, policy: Policy, variant_id: int, decision: Decision) -> Decision:
+        if not decision.activate:
+            return decision
+        lora = self.library.lora(job.lora_id)
+        original = lora.original
+        if original is None or original.blob_sha256 != job.blob_sha256:
+            return Decision(False, "the file's original changed since this job was queued; not activated",
+                            decision.saving, decision.fro_retained)  # fmt: skip
+        try:
+            self.library.activate(job.lora_id, variant_id, actor=f"policy:{policy.name}")
+        except StoreError as e:
+            return Decision(False, f"not activated: {e}", decision.saving, decision.fro_retained)
+        self._on_written(lora.path)
+        return decision
+
+    def _record(self, job: JobView, policy: Policy, variant_id: int, decision: Decision, report: Any) -> None:
+        oom = [n for n in report.notes if n.startswith(OOM_NOTE)]
+        with self.library.db.write() as s:
+            if oom:
+                # Not a failure: the engine halved its batches or finished on the CPU. Recorded so
+                # a user can see why a job took longer or ran where they did not expect.
+                repo.record_event(s, "out_of_memory", "worker", job.lora_id, variant_id, job=job.id,
+                                  device=report.device, notes=oom)  # fmt: skip
+            repo.record_event(s, "decided", f"policy:{policy.name}", job.lora_id, variant_id,
+                              job=job.id, policy=policy.name, device=report.device, **decision.to_json())  # fmt: skip
+        if oom:
+            log.warning("out of memory during a reduction; it went on in smaller batches or on the CPU",
+                        job=job.id, device=report.device, notes=oom)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# A busy GPU: someone is generating
+
+
+def busy_reason(limits: GpuBusy, util: float, free_mb: float, gpu_job: bool) -> str | None:
+    """Why the GPU counts as busy under `limits`, or None. Free memory matters only to a job that
+    would use the GPU; utilisation means someone is generating, which a CPU job disturbs too."""
+    if limits.util_above is not None and util > limits.util_above:
+        return f"GPU busy (utilisation {util:.0f}% > {limits.util_above:g}%)"
+    if gpu_job and limits.free_below_mb is not None and free_mb < limits.free_below_mb:
+        return f"GPU busy ({free_mb:.0f} MiB free < {limits.free_below_mb:g} MiB)"
+    return None
+
+
+def _nvml_target() -> tuple[str, str | int]:
+    """("uuid", id) or ("index", n) of the GPU torch calls cuda:0, from CUDA_VISIBLE_DEVICES
+    (NVML numbers every GPU in PCI order and ignores that variable)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    if visible.startswith(("GPU-", "MIG-")):
+        return "uuid", visible
+    if visible.isdigit():
+        return "index", int(visible)
+    return "index", 0
+
+
+class GpuProbe:
+    """Reads the GPU's utilisation and free memory through NVML (nvidia-ml-py, `import pynvml`).
+    Without NVML (not installed, no driver, no GPU) it never reports busy: lorad then just works."""
+
+    def __init__(self, limits: GpuBusy, gpu_jobs: bool) -> None:
+        self.limits = limits
+        self.gpu_jobs = gpu_jobs
+        self.available: bool | None = None  # None: not tried yet
+        self._nvml: Any = None
+        self._handle: Any = None
+
+    def busy(self) -> str | None:
+        state = self.read()
+        return None if state is None else busy_reason(self.limits, state[0], state[1], self.gpu_jobs)
+
+    def read(self) -> tuple[float, float] | None:
+        """(utilisation %, free MiB), or None when unknown."""
+        hook = os.environ.get(GPU_STATE_ENV)
+        if hook:
+            try:
+                util, free = Path(hook).read_text().split()[:2]
+                return float(util), float(free)
+            except (OSError, ValueError):
+                return None
+        if self.available is None:
+            self._open()
+        if not self.available:
+            return None
+        try:
+            util = self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu
+            free = self._nvml.nvmlDeviceGetMemoryInfo(self._handle).free / (1 << 20)
+            return float(util), float(free)
+        except Exception as e:  # noqa: BLE001 - a GPU that cannot be read is not a busy GPU
+            log.warning("reading the GPU's state failed; not waiting", error=str(e))
+            return None
+
+    def _open(self) -> None:
+        try:
+            import pynvml  # type: ignore[import-not-found]
+
+            pynvml.nvmlInit()
+            how, which = _nvml_target()
+            if how == "uuid":
+                handle = pynvml.nvmlDeviceGetHandleByUUID(which)
+            else:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(which)
+        except Exception as e:  # noqa: BLE001 - ImportError, NVMLError (no driver, no GPU), ...
+            self.available = False
+            log.info("NVML is not available; jobs start without looking at the GPU (gpu_busy unused)",
+                     error=f"{type(e).__name__}: {e}")  # fmt: skip
+            return
+        self._nvml, self._handle, self.available = pynvml, handle, True
+
+
+def gpu_probe(config: Config, device: str) -> GpuProbe | None:
+    if config.gpu_busy is None:
+        return None
+    return GpuProbe(config.gpu_busy, gpu_jobs=device.startswith("cuda"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The gate: pause/resume and the time window
+
+
+class Gate:
+    """Whether workers may start jobs, and a wake-up for them when new work arrives."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.paused = False
+        self.in_window = True
+        self._generation = 0
+
+    def is_open(self) -> bool:
+        return not self.paused and self.in_window
+
+    def set_paused(self, paused: bool) -> None:
+        self.paused = paused
+        self.poke()
+
+    def set_window(self, inside: bool) -> None:
+        self.in_window = inside
+        self.poke()
+
+    def poke(self) -> None:
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def generation(self) -> int:
+        return self._generation
+
+    def wait(self, seen: int, timeout: float) -> None:
+        """Sleep until poked after generation `seen`, or `timeout`."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._generation != seen, timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker thread
+
+
+@dataclass
+class Running:
+    job: JobView
+    started: float  # monotonic
+    done: int = 0
+    total: int = 0
+    last_beat: float = 0.0  # monotonic time of the last renewed lease
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 0.0
+
+
+class Worker:
+    def __init__(self, name: str, queue: Queue, runner: Callable[[JobView, Callable[[int, int], None]], int],
+                 gate: Gate, lease_seconds: float, idle_seconds: float = 1.0,
+                 gpu: GpuProbe | None = None) -> None:  # fmt: skip
+        self.name = name
+        self.queue = queue
+        self.runner = runner
+        self.gate = gate
+        self.lease_seconds = lease_seconds
+        self.idle_seconds = idle_seconds
+        self.gpu = gpu
+        self.running: Running | None = None
+        self.waiting: str | None = None  # why a due job is not started (e.g. "GPU busy (...)")
+        self.finished = 0  # jobs this worker completed, failed or gave back
+        self._stopping = threading.Event()
+        self._abandon = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"lorad-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def healthy(self) -> bool:
+        """Alive, and if running a job, its lease renewed recently (the systemd watchdog's test)."""
+        if not self.alive():
+            return False
+        running = self.running
+        return running is None or time.monotonic() - running.last_beat < self.lease_seconds
+
+    def stop(self, grace: float) -> None:
+        """Start no new job; let the running one finish for `grace` seconds, then abandon it."""
+        self._stopping.set()
+        self.gate.poke()
+        self._thread.join(grace)
+        if self._thread.is_alive():
+            log.warning("abandoning the running job", worker=self.name,
+                        job=self.running.job.id if self.running else None)  # fmt: skip
+            self._abandon.set()
+            self._thread.join(grace)
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            seen = self.gate.generation()
+            if not self.gate.is_open():
+                self.waiting = None
+                self.gate.wait(seen, self.idle_seconds)
+                continue
+            try:
+                job = self.queue.claim(self.name)
+            except Exception:  # noqa: BLE001 - a busy or broken database must not end the worker
+                log.exception("claiming a job failed", worker=self.name)
+                self._stopping.wait(self.idle_seconds)
+                continue
+            if job is None:
+                self.waiting = None
+                self.gate.wait(seen, self.idle_seconds)
+                continue
+            if self._wait_for_gpu(job):
+                continue
+            self._run(job)
+
+    def _wait_for_gpu(self, job: JobView) -> bool:
+        """True (the job given back, the worker resting) while the GPU is busy."""
+        busy = self.gpu.busy() if self.gpu is not None else None
+        if busy is None:
+            if self.waiting:
+                log.info("the GPU is free again; starting", job=job.id)
+            self.waiting = None
+            return False
+        try:
+            self.queue.release(job.id, self.name)  # untouched: the attempt does not count
+        except Exception:  # noqa: BLE001 - its lease runs out and it is requeued anyway
+            log.exception("giving back a job while the GPU is busy failed", job=job.id)
+        if self.waiting is None:  # once per busy spell: the figures in the reason change every look
+            log.info("waiting: GPU busy", reason=busy, job=job.id)
+        self.waiting = busy
+        assert self.gpu is not None
+        self._stopping.wait(self.gpu.limits.check_every)
+        return True
+
+    def _run(self, job: JobView) -> None:
+        running = Running(job, time.monotonic(), last_beat=time.monotonic())
+        self.running = running
+        beat_stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(running, beat_stop), name=f"lorad-{self.name}-beat", daemon=True)
+        beat.start()
+        log.info("job started", job=job.id, worker=self.name, policy=job.policy, attempt=job.attempts)
+        try:
+            self._settle(job, self._attempt(job, running))
+        finally:
+            beat_stop.set()
+            beat.join(5)
+            self.running = None
+            self.finished += 1
+
+    def _attempt(self, job: JobView, running: Running) -> tuple[str, object]:
+        def progress(done: int, total: int) -> None:
+            running.done, running.total = done, total
+            if self._abandon.is_set():
+                raise JobAbandoned
+
+        try:
+            return "done", self.runner(job, progress)
+        except JobAbandoned:
+            return "abandoned", None
+        except TransientError as e:  # before PERMANENT: OutputWriteError is a ReduceError too
+            return "transient", e
+        except PERMANENT as e:
+            return "permanent", e
+        except Exception as e:  # noqa: BLE001 - recorded on the job; the worker carries on
+            return "transient", e
+
+    def _settle(self, job: JobView, outcome: tuple[str, object]) -> None:
+        kind, value = outcome
+        try:
+            if kind == "done":
+                self.queue.complete(job.id, self.name, value)  # type: ignore[arg-type]
+            elif kind == "abandoned":
+                self.queue.release(job.id, self.name)
+                log.info("job given back", job=job.id)
+            else:
+                assert isinstance(value, BaseException)
+                after = self.queue.fail(job.id, self.name, error_text(value), permanent=kind == "permanent")
+                unexpected = kind == "transient" and not isinstance(value, TransientError)
+                log.error("job failed", job=job.id, error=error_text(value), state=after.state, kind=kind,
+                          attempts=after.attempts, not_before=str(after.not_before),
+                          exc_info=value if unexpected else None)  # fmt: skip
+        except LeaseLost as e:
+            log.warning("job outcome not recorded: lease lost", job=job.id, outcome=kind, error=str(e))
+        except Exception:  # noqa: BLE001
+            log.exception("recording the job's outcome failed", job=job.id, outcome=kind)
+
+    def _heartbeat(self, running: Running, stop: threading.Event) -> None:
+        every = max(0.2, self.lease_seconds / 3)
+        while not stop.wait(every):
+            try:
+                self.queue.heartbeat(running.job.id, self.name, running.fraction)
+                running.last_beat = time.monotonic()
+            except LeaseLost:
+                log.warning("lease lost while running", job=running.job.id)
+                return
+            except Exception:  # noqa: BLE001 - try again at the next beat
+                log.exception("heartbeat failed", job=running.job.id)

@@ -1,0 +1,282 @@
+"""One file's reduction, batch by batch: load same-shape modules, decompose, choose ranks, fold the
+scale, cast, measure. Used by lorad.engine.engine, which owns the settings, the output and the report.
+
+A CUDA out-of-memory never fails a file for lack of VRAM alone: the batch is halved and retried,
+and a single module that still does not fit raises DeviceOutOfMemory, on which the engine redoes
+the file on the CPU. Both are noted in the report.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import torch
+
+from lorad.engine.formats import encode, writer
+from lorad.engine.formats.lora import LoraSource, Module, Reader, read_scalar
+from lorad.engine.reduce import metrics, select
+from lorad.engine.reduce.lycoris import loha_delta, lokr_delta
+from lorad.engine.reduce.project import random_projection
+from lorad.engine.reduce.rank_rules import RankRule
+from lorad.engine.reduce.svd import NonFiniteError, factored_svd, singular_values
+from lorad.engine.report import ModuleReport
+from lorad.errors import FormatError
+
+Progress = Callable[[int, int], None]
+BATCH_BYTES = 96 << 20  # float32 factor bytes decomposed at once; bounds peak memory per batch
+# Test hook: decomposing a batch of more than N modules raises a (fake) out-of-memory on the first
+# device tried, as a full GPU would. Unset in any real deployment.
+FAKE_OOM_ENV = "LORAD_TEST_FAKE_OOM"
+
+
+class DeviceOutOfMemory(Exception):
+    """A single module does not fit on the device: the file must be redone on the CPU."""
+
+
+def batches(source: LoraSource) -> Iterator[list[Module]]:
+    """Same (out, in, rank) modules together, each batch under BATCH_BYTES of float32 factors."""
+    groups: dict[tuple[int, int, int], list[Module]] = {}
+    for m in source.reducible:
+        groups.setdefault((m.out_features, m.in_features, m.rank), []).append(m)
+    for (out, inp, r), members in groups.items():
+        per = max(1, BATCH_BYTES // (4 * r * (out + inp)))
+        for i in range(0, len(members), per):
+            yield members[i : i + per]
+
+
+def _load(reader: Reader, batch: list[Module], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """A batch's factors stacked in the compute dtype (float32; float64 if stored so)."""
+    first = batch[0]
+    dtype = torch.float64 if any(m.dtype == "F64" for m in batch) else torch.float32
+    up = torch.empty(len(batch), first.out_features, first.rank, dtype=dtype)
+    down = torch.empty(len(batch), first.rank, first.in_features, dtype=dtype)
+    for i, m in enumerate(batch):
+        u, d = reader.factors(m)
+        up[i].copy_(u)  # converts on the way in: one pass, no intermediate copy
+        down[i].copy_(d)
+    scale = torch.tensor([m.scale for m in batch], dtype=dtype)
+    return up.to(device), down.to(device), scale.to(device)
+
+
+def _decompose(reader: Reader, batch: list[Module], fn: Callable, *args: torch.Tensor):
+    """Run a decomposition; NaN or Inf in the factors surfaces there, cheaply, and is named then."""
+    try:
+        return fn(*args)
+    except NonFiniteError:
+        reader.check_finite(batch)
+        raise
+
+
+def fake_oom_limit() -> int | None:
+    value = os.environ.get(FAKE_OOM_ENV)
+    return int(value) if value not in (None, "") else None
+
+
+class Decomposer:
+    """Yields (batch, up, down, result) for every batch of a file, halving batches on OOM."""
+
+    def __init__(self, source: LoraSource, device: torch.device, notes: list[str], fake_oom: int | None = None):
+        self.source, self.device, self.notes, self.fake_oom = source, device, notes, fake_oom
+
+    def run(self, reader: Reader, fn: Callable | None) -> Iterator[tuple[list[Module], torch.Tensor, torch.Tensor, object]]:
+        pending = list(batches(self.source))
+        while pending:
+            batch = pending.pop(0)
+            try:
+                if self.fake_oom is not None and len(batch) > self.fake_oom:
+                    raise torch.OutOfMemoryError(f"{FAKE_OOM_ENV}: a batch of {len(batch)} modules")
+                up, down, scale = _load(reader, batch, self.device)
+                result = _decompose(reader, batch, fn, up, down, scale) if fn is not None else None
+            except torch.OutOfMemoryError as e:
+                self._release()
+                if len(batch) == 1:
+                    raise DeviceOutOfMemory(f"{batch[0].name} alone does not fit on {self.device}: {e}") from None
+                half = len(batch) // 2
+                self.notes.append(f"out of memory: a batch of {len(batch)} modules did not fit on {self.device}; "
+                                  f"retried in batches of {half} and {len(batch) - half}")
+                pending[0:0] = [batch[:half], batch[half:]]
+                continue
+            yield batch, up, down, result
+
+    def _release(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+_LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+def _lycoris_as_lora(reader: Reader, m: Module) -> tuple[Module, torch.Tensor] | None:
+    """(the module as a 2-D LoRA module, its dense dW), or None where it stays as it is:
+    not LoHa/LoKr, or CP/Tucker-decomposed (hada_t*, lokr_t2) or 4-D factors."""
+    if m.kind not in ("loha", "lokr") or any(r in m.keys for r in ("hada_t1", "hada_t2", "lokr_t2")):
+        return None
+    factors = {role: reader.tensor(key).to(torch.float32) for role, key in m.keys.items()
+               if role.startswith(("hada_", "lokr_"))}
+    if any(t.ndim != 2 for t in factors.values()):
+        return None
+    for role, t in factors.items():
+        if not torch.isfinite(t).all():
+            raise FormatError(f"{reader.header.path}: tensor {m.keys[role]!r} contains NaN or Inf values")
+    alpha = read_scalar(reader.header, m.keys["alpha"]) if "alpha" in m.keys else None
+    if m.kind == "loha":
+        if not set(_LOHA) <= set(factors):
+            return None
+        dW = loha_delta(*(factors[r] for r in _LOHA), alpha)
+        rank = factors["hada_w1_b"].shape[0]
+    else:
+        dW = lokr_delta(factors, alpha)
+        rank = min(dW.shape)
+    out, inp = dW.shape
+    dtype = reader.header.tensors[next(iter(m.keys.values()))].dtype
+    return Module(m.name, m.kind, m.keys, out, inp, rank, (), dtype, 1.0), dW
+
+
+def _reduce_spectrum(up: torch.Tensor, down: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The spectrum exactly as `reduce` computes it. svdvals and svd differ in the last digits, and
+    where a module's retained ratio sits on the method's threshold that decides its rank: a plan
+    must choose what the reduction will."""
+    return factored_svd(up, down, scale).S
+
+
+class Job:
+    """One file's reduction: per batch, decompose, choose ranks, fold, cast, measure."""
+
+    def __init__(self, source: LoraSource, settings, device: torch.device,  # type: ignore[no-untyped-def]
+                 enc: encode.Encoding, fixed_ranks: dict[str, int] | None, progress: Progress | None,
+                 notes: list[str], fake_oom: int | None = None, rule: RankRule | None = None):  # fmt: skip
+        self.source, self.settings, self.device, self.enc = source, settings, device, enc
+        self.rule = rule or RankRule()
+        self.fixed_ranks, self.progress = fixed_ranks, progress
+        self.total, self.done = len(source.reducible), 0
+        self.decomposer = Decomposer(source, device, notes, fake_oom)
+        self.spectra_seen: dict[str, torch.Tensor] = {}  # every module's spectrum, for the report
+
+    def _tick(self) -> None:
+        self.done += 1
+        if self.progress:
+            self.progress(self.done, self.total)
+
+    def method_rank(self, m: Module, S: torch.Tensor) -> int:
+        """The method's own choice for one module (1..available, capped by max_rank)."""
+        s = self.settings
+        dense_len = min(m.out_features, m.in_features)
+        return select.select_rank(S, s.method, float(s.param or 0), m.rank, s.max_rank, s.kohya_compat, dense_len)
+
+    def _rank(self, m: Module, S: torch.Tensor) -> int:
+        """The rank written: fixed by a whole-file pass, or the method's choice under the rank rule
+        (which may exceed the module's directions where the rule pads with zeros)."""
+        if self.fixed_ranks is not None:
+            return self.fixed_ranks[m.name]
+        return self.rule.per_module(self.method_rank(m, S), min(m.rank, S.numel()), self.settings.max_rank)
+
+    def spectra(self, fn: Callable = singular_values) -> Iterator[tuple[Module, torch.Tensor]]:
+        """Every reducible module's singular values (the R factors suffice)."""
+        with Reader(self.source) as reader:
+            for batch, _up, _down, S in self.decomposer.run(reader, fn):
+                yield from zip(batch, S.cpu())  # type: ignore[union-attr]
+
+    def plan(self, spectra: dict[str, torch.Tensor] | None = None) -> dict[str, ModuleReport]:
+        """Reports from the spectra alone; `spectra` when already computed (a budget's pass 1)."""
+        reports = {}
+        for m, S in self.spectra(_reduce_spectrum) if spectra is None else ((m, spectra[m.name]) for m in self.source.reducible):
+            self.spectra_seen[m.name] = S
+            k = self._rank(m, S)
+            fro, tail, total = metrics.truncation(S, k)
+            reports[m.name] = self._report(m, k, metrics.Quality(fro, tail / total if total else 0.0, total))
+            self._tick()
+        return reports
+
+    def reduce(self) -> tuple[dict[str, ModuleReport], dict[str, writer.ModuleOutput]]:
+        reports, outputs = {}, {}
+        project = self.settings.method == "project"
+        with Reader(self.source) as reader:
+            for batch, up, down, svd in self.decomposer.run(reader, None if project else factored_svd):
+                if project:
+                    reader.check_finite(batch)  # no decomposition to notice NaN or Inf for us
+                    results = self._project(batch, up, down)
+                else:
+                    results = self._truncate(batch, svd)
+                for m, k, out_up, out_down, quality in results:
+                    outputs[m.name] = writer.ModuleOutput(m, k, out_up, out_down, self._bias(reader, m, k))
+                    reports[m.name] = self._report(m, k, quality)
+                    self._tick()
+            if self.settings.convert_lycoris:
+                for m in self.source.modules:
+                    converted = _lycoris_as_lora(reader, m)
+                    if converted is not None:
+                        lora_module, dW = converted
+                        outputs[m.name], reports[m.name] = self._convert(lora_module, dW)
+        return reports, outputs
+
+    def _bias(self, reader: Reader, m: Module, k: int) -> torch.Tensor | None:
+        """lora_B.bias is added at the module's scale: fold the same factor into it as into up."""
+        key = m.keys.get("up_bias")
+        if key is None:
+            return None
+        bias = reader.tensor(key)
+        factor = m.scale / self.enc.loader_scale(k)
+        if factor == 1.0:
+            return bias
+        return (bias.to(torch.float64) * factor).to(bias.dtype)
+
+    def _convert(self, m: Module, dW: torch.Tensor) -> tuple[writer.ModuleOutput, ModuleReport]:
+        """A LoHa/LoKr module as plain LoRA: dense SVD of its update, the same rank rule."""
+        U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
+        s = self.settings
+        k = select.select_rank(S, s.method, float(s.param or 0), S.numel(), s.max_rank, s.kohya_compat, S.numel())
+        Uk, Sk, Vk = U[:, :k], S[:k], Vh[:k].T
+        out_up, out_down, up_back, down_back = self._encode(m, k, Uk * Sk, Vk.T)
+        quality = metrics.svd_quality(S, k, Uk, Vk, up_back, down_back)
+        report = replace(self._report(m, k, quality), kind=f"{m.kind}->lora", rank_in=m.rank)
+        return writer.ModuleOutput(m, k, out_up, out_down), report
+
+    def _truncate(self, batch: list[Module], svd) -> Iterator[tuple]:  # type: ignore[no-untyped-def]
+        S_all = svd.S.cpu()
+        for g, m in enumerate(batch):
+            self.spectra_seen[m.name] = S_all[g]
+            k = self._rank(m, S_all[g])
+            real = min(k, S_all.shape[1])  # directions beyond these are a rule's zero padding
+            Uk, Sk, Vk = (t.cpu() for t in svd.truncate(g, real))
+            up_eff, down = Uk * Sk, Vk.T
+            if k > real:
+                up_eff = torch.cat([up_eff, up_eff.new_zeros(up_eff.shape[0], k - real)], dim=1)
+                down = torch.cat([down, down.new_zeros(k - real, down.shape[1])], dim=0)
+            out_up, out_down, up_back, down_back = self._encode(m, k, up_eff, down)
+            quality = metrics.svd_quality(S_all[g], real, Uk, Vk, up_back[:, :real], down_back[:real])
+            yield m, k, out_up, out_down, quality
+
+    def _project(self, batch: list[Module], up: torch.Tensor, down: torch.Tensor) -> Iterator[tuple]:
+        for g, m in enumerate(batch):
+            k = max(1, min(int(self.settings.param or 1), m.rank, self.settings.max_rank or m.rank))
+            gen = torch.Generator().manual_seed(self.settings.seed ^ zlib.crc32(m.name.encode()))
+            u, d = up[g].cpu(), down[g].cpu()
+            new_up, new_down = random_projection(u, d, m.scale, k, gen)
+            out_up, out_down, up_back, down_back = self._encode(m, k, new_up, new_down)
+            rel = metrics.exact_rel_error(m.scale * u, d, up_back, down_back)
+            # No spectrum ranks a projection; the norm it "retains" is the one its error leaves.
+            norm = metrics.product_norm(m.scale * u, d)
+            yield m, k, out_up, out_down, metrics.Quality(max(0.0, 1.0 - rel * rel) ** 0.5, rel, norm)
+
+    def _encode(self, m: Module, k: int, up_eff: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Fold the loader's scale out of up, cast, and read back what the file will really hold."""
+        loader_scale = self.enc.loader_scale(k)
+        dtype = encode.output_dtype(m.dtype, self.settings.dtype)
+        out_up = (up_eff / loader_scale).to(dtype).contiguous()
+        out_down = down.to(dtype).contiguous()
+        up_back = out_up.to(up_eff.dtype) * loader_scale
+        down_back = out_down.to(down.dtype)
+        return out_up.reshape(m.up_shape(k)), out_down.reshape(m.down_shape(k)), up_back, down_back
+
+    def _report(self, m: Module, k: int, q: metrics.Quality) -> ModuleReport:
+        itemsize_in = encode.output_dtype(m.dtype, None).itemsize
+        itemsize_out = encode.output_dtype(m.dtype, self.settings.dtype).itemsize
+        return ModuleReport(
+            name=m.name, kind=m.kind, rank_in=m.rank, rank_out=k,
+            fro_retained=q.fro_retained, energy_retained=q.fro_retained**2, rel_error=q.rel_error,
+            params_in=m.params(), params_out=m.params(k),
+            bytes_in=m.params() * itemsize_in, bytes_out=m.params(k) * itemsize_out, norm=q.norm,
+        )  # fmt: skip

@@ -1,0 +1,115 @@
+"""What every library operation shares: the store, the database, the lock and the swap area, and
+the few record writes the library's helpers (folders, mirror, reconcile, upkeep) make themselves.
+
+`Library` owns one `Core` and passes it to those helpers, so they depend on this small object and
+not on the `Library` that calls them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorad.engine.formats.detect import detect_format
+from lorad.engine.formats.keys import parse_key
+from lorad.engine.formats.safetensors_file import Header, file_data_sha256, read_header
+from lorad.library.db import repo
+from lorad.library.db.models import Lora
+from lorad.library.db.session import Database
+from lorad.library.refusals import Refusal
+from lorad.library.sidecars import read_claims
+from lorad.library.store import BlobInfo, FileStamp, Store
+
+
+def blob_record(
+    sha256: str, size: int, data_sha256: str | None, header: Header, blake3: str | None = None
+) -> repo.BlobRecord:
+    modules = {k.module for k in map(parse_key, header.tensors) if k and k.role not in ("alpha", "scale")}
+    return repo.BlobRecord(
+        sha256=sha256,
+        bytes=size,
+        data_sha256=data_sha256 or "",
+        format=detect_format(header.tensors, header.metadata),
+        modules=len(modules),
+        sshs_model_hash=header.metadata.get("sshs_model_hash"),
+        sshs_legacy_hash=header.metadata.get("sshs_legacy_hash"),
+        blake3=blake3,
+    )
+
+
+@dataclass
+class Core:
+    db: Database
+    store: Store
+    swap_area: Path  # where adapter folders are built before they are swapped in (folder_swap)
+    mirrors: Mapping[Path, Path]  # watched root -> mirror_to, for the roots in mirror mode
+    # Reentrant: verify and gc (upkeep) hold it around the library's own operations.
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def store_file(self, path: Path, expect_sha256: str | None = None) -> tuple[BlobInfo, repo.BlobRecord]:
+        """Copy a complete safetensors file into the store; describe the bytes actually stored."""
+        before = read_header(path)
+        info = self.store.ingest(path, data_offset=before.data_offset, expect_sha256=expect_sha256)
+        # Parse what was stored, not what was looked at: the file may have changed in between.
+        header = read_header(self.store.path_of(info.sha256))
+        data_sha256 = info.data_sha256
+        if header.data_offset != before.data_offset:
+            data_sha256 = file_data_sha256(self.store.path_of(info.sha256), header)
+        return info, blob_record(info.sha256, info.bytes, data_sha256, header, info.blake3)
+
+    def mirror_of(self, row: Lora) -> Path | None:
+        """Where a LoRA's active variant is written when its folder is in mirror mode, else None."""
+        mirror = self.mirrors.get(Path(row.folder))
+        return mirror / Path(row.path).relative_to(row.folder) if mirror is not None else None
+
+    def quarantine(
+        self, sha256: str, actor: str, lora_id: int | None = None, variant_id: int | None = None
+    ) -> None:
+        try:
+            dest = self.store.quarantine(sha256)
+        except FileNotFoundError:
+            return
+        with self.db.write() as s:
+            repo.record_event(s, "quarantined", actor, lora_id, variant_id, sha256=sha256, moved_to=str(dest))
+
+    def refresh_claims(self, lora_id: int) -> int:
+        """Record the hashes that sidecars beside a LoRA's file claim (lorad.library.sidecars) and
+        that are not recorded yet; how many were new. Sidecars are only read; claims are kept when a
+        sidecar changes or goes (an old hash still leads to the LoRA)."""
+        with self.db.read() as s:
+            row = s.get(Lora, lora_id)
+            assert row is not None
+            path = Path(row.path)
+            known = repo.claims_of(s, lora_id)
+            own = {h for v in repo.variants_of(s, lora_id) if v.kind == "original"
+                   for h in (v.blob_sha256, v.blob_sha256[:10])}  # fmt: skip
+        new = [c for c in ((c.kind, c.value, c.source) for c in read_claims(path, own)) if c not in known]
+        if not new:
+            return 0
+        with self.db.write() as s:
+            return repo.add_claims(s, lora_id, new)
+
+    # -- refusals --------------------------------------------------------------------------------
+
+    def record_refusal(self, path: str | os.PathLike[str], refusal: Refusal) -> None:
+        """Record why a watched path is not taken (one row per path, replaced when the cause or
+        reason changes). `path` as found in the folder: a symlink's own name, not its target."""
+        where = os.path.abspath(path)
+        with self.db.read() as s:
+            row = repo.refusal_at(s, where)
+            if row is not None and (row.cause, row.reason) == (refusal.cause, refusal.reason):
+                return  # known already: no write (verify meets the same refusal at every pass)
+        stamp = FileStamp.of_path(Path(where))
+        with self.db.write() as s:
+            repo.record_refusal(s, where, refusal.cause, refusal.reason, stamp.token if stamp else None)
+
+    def clear_refusal(self, path: str | os.PathLike[str]) -> None:
+        where = os.path.abspath(path)
+        with self.db.read() as s:
+            if repo.refusal_at(s, where) is None:
+                return  # the usual case: no write for it
+        with self.db.write() as s:
+            repo.clear_refusal(s, where)

@@ -1,0 +1,554 @@
+"""The library: watched LoRAs, their stored variants, and the operations on them.
+
+It joins the blob store (bytes) and the database (records). Every operation is crash-safe in the
+same way: bytes reach the store (complete or absent) before any record names them, and a watched
+file is replaced by an atomic rename before the database says so. So a crash leaves the old state
+or the new one; where disk and database then disagree, the file on disk is the truth and `verify`
+brings the records to it: a watched file holding a known variant's bytes makes that variant active,
+and one holding unknown bytes is a new original (stored, never overwritten).
+
+Only one Library per state directory should mutate at a time (the daemon); within it, operations
+are serialised by a lock. No operation opens a watched path that is not a regular file (a FIFO
+would block it, and every other caller behind the lock): such a path, or one lorad cannot read, is
+refused with its reason and recorded as a refusal (`refusals()`), as the watcher's refusals are.
+A PEFT adapter folder is one LoRA whose variants are folder trees (lorad.library.folders); verify and gc
+live in lorad.library.upkeep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from lorad._atomic import is_temp_name
+from lorad._fileio import check_regular
+from lorad.engine.formats.keys import group_keys
+from lorad.engine.formats.safetensors_file import read_header
+from lorad.engine.report import Report
+from lorad.errors import FormatError, LoradError, StoreError
+from lorad.library import folder_swap, folders, trees, upkeep
+from lorad.library.core import Core
+from lorad.library.db import repo
+from lorad.library.db.models import Blob, Lora, Variant
+from lorad.library.db.session import BUSY_TIMEOUT_MS, Database, DatabaseUnavailable, default_url, sqlite_path
+from lorad.library.hashes import HashHit, claim_names, parse_query
+from lorad.library.reconcile import reconcile as reconcile_records
+from lorad.library.records import (
+    EventView,
+    FindResult,
+    GcPlan,
+    HashMatch,
+    LoraView,
+    RefusalView,
+    VariantView,
+    VerifyReport,
+    event_view,
+    lora_view,
+    refusal_view,
+    variant_view,
+)
+from lorad.library.refusals import Refusal
+from lorad.library.states import FileState, unchanged_token
+from lorad.library.store import BlobInfo, CorruptBlob, FileStamp, LinkMode, Store, TargetChanged, _crashpoint
+from lorad.pathtext import shown
+from lorad.state_dir import Modes, secure_dir, secure_sqlite
+
+log = structlog.get_logger()
+
+LoraRef = int | str | os.PathLike[str]
+SwitchKind = Literal["activated", "reverted", "switched"]
+
+
+# -- plain results ---------------------------------------------------------------------------------
+
+
+def cli_actor() -> str:
+    return f"cli:uid={os.getuid()}"
+
+
+# -- the library -----------------------------------------------------------------------------------
+
+
+class Library:
+    def __init__(
+        self,
+        state_dir: Path,
+        watched_roots: Sequence[Path],
+        database_url: str | None = None,
+        link_mode: LinkMode = "reflink-or-copy",
+        migrate_on_open: bool = True,
+        operator_gid: int | None = None,
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+        mirrors: Mapping[Path, Path] | None = None,
+    ) -> None:
+        """operator_gid: the operator group, which may read the state (lorad.state_dir).
+        busy_timeout_ms: how long a write waits for another holder of SQLite's write lock before
+        the operation fails with DatabaseUnavailable (a TransientError).
+        mirrors: watched root -> mirror_to, for the roots in mirror mode (lorad.library.mirror)."""
+        self.modes = Modes(operator_gid)
+        self.state_dir = Path(state_dir).resolve()
+        secure_dir(self.state_dir, self.modes)
+        self.roots = tuple(Path(r).resolve() for r in watched_roots)
+        self.mirrors = {Path(root).resolve(): Path(os.path.abspath(to)) for root, to in (mirrors or {}).items()}
+        self.database_url = database_url or default_url(self.state_dir)
+        db_file = sqlite_path(self.database_url)
+        if db_file is not None:
+            secure_sqlite(db_file, self.modes)
+        if migrate_on_open:
+            from lorad.library.db import migrate  # Alembic is only needed here: keep it out of a bare import
+
+            migrate.upgrade(self.database_url)
+        swap_area = self.state_dir / "swap"
+        swap_area.mkdir(mode=0o700, exist_ok=True)
+        self.core = Core(
+            db=Database(self.database_url, busy_timeout_ms),
+            store=Store(self.state_dir / "store", link_mode, self.modes.blob, operator_gid),
+            swap_area=swap_area,
+            mirrors=self.mirrors,
+        )
+        self.db, self.store, self.swap_area, self.lock = self.core.db, self.core.store, swap_area, self.core.lock
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Library:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def loras(self) -> list[LoraView]:
+        with self.db.read() as s:
+            return [lora_view(s, lora, self._header_ranks) for lora in repo.all_loras(s)]
+
+    def lora(self, ref: LoraRef) -> LoraView:
+        with self.db.read() as s:
+            return lora_view(s, self._find_lora(s, ref), self._header_ranks)
+
+    def holds_folder(self, path: str | os.PathLike[str]) -> bool:
+        """Whether `path` is a folder LoRA whose folder still has the stamp it had when lorad last
+        knew its contents (a folder it has stored and read, unchanged since)."""
+        with self.db.read() as s:
+            row = repo.lora_by_path(s, os.path.realpath(path))
+            stamp = row.file_stamp if row is not None and row.kind == "folder" else None
+        return stamp is not None and trees.stamp_of(Path(path)) == stamp
+
+    def tree_entries(self, sha256: str) -> list[tuple[str, str, int]] | None:
+        """(name, blob sha256, mode) of a folder tree's files; None when the blob is no tree."""
+        with self.db.read() as s:
+            blob = s.get(Blob, sha256)
+            return repo.tree_entries(s, sha256) if blob is not None and blob.kind == "tree" else None
+
+    def _header_ranks(self, s: Session, sha256: str) -> tuple[int, ...] | None:
+        """The LoRA module ranks a stored file (or a tree's weights) has, from its header."""
+        blob = s.get(Blob, sha256)
+        if blob is not None and blob.kind == "tree":
+            sha256 = folders.weights_of(s, sha256) or ""
+        try:
+            header = read_header(self.store.path_of(sha256))
+            groups, _ = group_keys(header.tensors)
+        except (LoradError, OSError):
+            return None
+        ranks = [header.tensors[g.roles["down"]].shape for g in groups.values() if {"up", "down"} <= set(g.roles)]
+        return tuple(shape[0] for shape in ranks if shape)
+
+    def events(self, lora: LoraRef | None = None, limit: int | None = None) -> list[EventView]:
+        with self.db.read() as s:
+            lora_id = self._find_lora(s, lora).id if lora is not None else None
+            return [event_view(e) for e in repo.events(s, lora_id=lora_id, limit=limit)]
+
+    def find(self, hash_text: str) -> list[LoraView]:
+        """The LoRAs a hash names (see find_hash), each once."""
+        return list({m.lora.id: m.lora for m in self.find_hash(hash_text).matches}.values())
+
+    def find_hash(self, hash_text: str) -> FindResult:
+        """Which LoRAs and variants a hash names (lorad.library.hashes): a full hash or a prefix of at least
+        8 hex digits of any variant's sha256, AutoV2, addnet/AutoV3, sshs_model_hash or BLAKE3, or
+        a hash a sidecar beside the LoRA claimed. Every match of an ambiguous prefix is returned.
+        Raises HashQueryError for text that names no hash."""
+        query = parse_query(hash_text)
+        with self.db.read() as s:
+            groups: dict[tuple[int, int | None], list[HashHit]] = {}
+            for hit in repo.find_hashes(s, query):
+                if hit.claimed:
+                    lora_id = hit.lora_id
+                    assert lora_id is not None
+                    hit, variant_id = self._claimed_variant(s, lora_id, hit)
+                    groups.setdefault((lora_id, variant_id), []).append(hit)
+                    continue
+                assert hit.blob_sha256 is not None
+                for v in repo.variants_with_blob(s, hit.blob_sha256):
+                    groups.setdefault((v.lora_id, v.id), []).append(hit)
+            views: dict[int, LoraView] = {}
+            matches = []
+            order = sorted(groups, key=lambda k: (k[0], k[1] is None, k[1] or 0))  # claims after the bytes
+            for lora_id, variant_id in order:
+                if lora_id not in views:
+                    row = s.get(Lora, lora_id)
+                    assert row is not None
+                    views[lora_id] = lora_view(s, row)
+                matches.append(HashMatch(views[lora_id], variant_id, tuple(groups[lora_id, variant_id])))
+            return FindResult(query.prefix, tuple(matches), repo.blobs_without_blake3(s))
+
+    def _claimed_variant(self, s: Session, lora_id: int, hit: HashHit) -> tuple[HashHit, int | None]:
+        """The LoRA's variant whose bytes a claimed hash names, if lorad holds one."""
+        for v in repo.variants_of(s, lora_id):
+            blob = s.get(Blob, v.blob_sha256)
+            if blob is not None and claim_names(hit.kind, hit.value, blob.sha256, blob.data_sha256, blob.blake3):
+                return replace(hit, blob_sha256=blob.sha256), v.id
+        return hit, None
+
+    def refresh_claims(self, lora: LoraRef) -> int:
+        """Record the hashes sidecars beside a LoRA's file claim; how many were new (see
+        Core.refresh_claims)."""
+        with self.db.read() as s:
+            lora_id = self._find_lora(s, lora).id
+        return self.core.refresh_claims(lora_id)
+
+    def _refresh_claims_quietly(self, lora_id: int) -> None:
+        """Claims are a convenience: failing to record them never fails the ingest they follow
+        (the next ingest of the path or `verify` records them)."""
+        try:
+            self.refresh_claims(lora_id)
+        except (LoradError, SQLAlchemyError, OSError) as e:
+            log.warning("could not record sidecar hashes", lora=lora_id, error=shown(str(e)))
+
+    def refusals(self) -> list[RefusalView]:
+        """Watched paths lorad will not take as they are, with why; paths gone since are left out
+        (the next reconcile scan forgets them)."""
+        with self.db.read() as s:
+            rows = [refusal_view(s, r) for r in repo.all_refusals(s)]
+        return [r for r in rows if os.path.lexists(r.path)]
+
+    def refusal(self, path: str | os.PathLike[str]) -> RefusalView | None:
+        """The refusal recorded for `path` as named (absolute, not resolved: a symlink's own name)."""
+        with self.db.read() as s:
+            row = repo.refusal_at(s, os.path.abspath(path))
+            return refusal_view(s, row) if row is not None else None
+
+    def module_metrics(self, variant_id: int) -> list[dict[str, Any]]:
+        with self.db.read() as s:
+            return [
+                {c: getattr(m, c) for c in ("name", "kind", "rank_in", "rank_out", "fro_retained",
+                                            "rel_error", "params_in", "params_out", "skipped")}
+                for m in repo.module_metrics_of(s, variant_id)
+            ]  # fmt: skip
+
+    # -- ingest ------------------------------------------------------------------------------------
+
+    def ingest(
+        self, path: str | os.PathLike[str], policy: str | None = None, actor: str = "library"
+    ) -> LoraView:
+        """Store a watched file (or adapter folder) as an original (idempotent: a known file
+        changes nothing)."""
+        with self.lock, self._failure_recorded("ingest", actor, path):
+            target, root = self._watched(path)
+            is_folder = target.is_dir() and not target.name.endswith(".safetensors")
+            try:
+                if not is_folder:
+                    check_regular(target)  # a FIFO, device or directory: refused by its mode, unopened
+            except FileNotFoundError:
+                raise StoreError(f"{target}: no such file") from None
+            with self.db.read() as s:
+                lora = repo.lora_by_path(s, str(target))
+                lora_id = lora.id if lora else None
+            if lora_id is not None:
+                state = self.reconcile(lora_id, actor, trust_stamp=True)  # forgets a refusal of `target`
+                if state.refusal is None and os.path.abspath(path) != str(target):
+                    self.clear_refusal(path)  # and of the symlink it was found under
+                self._refresh_claims_quietly(lora_id)  # a manager may have written a sidecar since
+                return self.lora(lora_id)
+            if is_folder:
+                if root in self.mirrors:
+                    raise FormatError(f"{target}: adapter folders are not mirrored yet; keep them in a "
+                                      "folder in mode: replace")  # fmt: skip
+                return self.lora(folders.ingest(self.core, target, root, os.path.abspath(path), policy, actor))
+            stamp = FileStamp.of_path(target)
+            info, record = self.store_file(target)
+            _crashpoint("ingest:after-store")
+            with self.db.write() as s:
+                lora = repo.lora_by_path(s, str(target)) or repo.add_lora(s, str(target), str(root), policy)
+                repo.ensure_blob(s, record)
+                variant = repo.original_with_blob(s, lora, info.sha256)
+                repo.set_original(s, lora, variant)
+                repo.set_active(s, lora, variant)
+                lora.file_stamp = unchanged_token(target, stamp)
+                repo.record_event(s, "ingested", actor, lora.id, variant.id, sha256=info.sha256,
+                                  bytes=info.bytes, path=str(target))  # fmt: skip
+                repo.clear_refusal(s, os.path.abspath(path))
+                repo.clear_refusal(s, str(target))
+                lora_id = lora.id
+            _crashpoint("ingest:after-commit")
+            log.info("ingested", path=shown(target), sha256=info.sha256)
+            if root in self.mirrors:
+                self.reconcile(lora_id, actor, trust_stamp=True)  # the original, mirrored
+            self._refresh_claims_quietly(lora_id)
+            return self.lora(lora_id)
+
+    def store_file(self, path: Path, expect_sha256: str | None = None) -> tuple[BlobInfo, repo.BlobRecord]:
+        """Copy a complete safetensors file into the store; describe the bytes actually stored."""
+        return self.core.store_file(path, expect_sha256)
+
+    def add_variant(
+        self, lora: LoraRef, report: Report, actor: str = "library", source: str | None = None
+    ) -> VariantView:
+        """Store a reduction's output file (a folder LoRA's: its output folder) as a variant of
+        `lora` with its metrics (not activated). `source`: the blob (a folder's tree) it was made
+        from, where the report's input, a copy of it, does not name it."""
+        with self.lock, self._failure_recorded("add_variant", actor, lora):
+            if report.output is None:
+                raise StoreError("the report describes no output file (a plan?); nothing to add")
+            out = Path(report.output.path)
+            with self.db.read() as s:
+                row = self._find_lora(s, lora)
+                lora_id, kind = row.id, row.kind
+            if kind == "folder":
+                return folders.add_variant(self.core, lora_id, report, source, actor)
+            with self.db.read() as s:
+                source_row = repo.variant_with_blob(s, lora_id, report.input.sha256)
+                if source_row is None:
+                    raise StoreError(
+                        f"the reduction's input ({report.input.sha256[:12]}) is not a stored variant "
+                        "of this LoRA; not added"
+                    )
+            info, record = self.store_file(out, expect_sha256=report.output.sha256)
+            _crashpoint("add_variant:after-store")
+            with self.db.write() as s:
+                repo.ensure_blob(s, record)
+                variant = repo.record_reduction(s, lora_id, info.sha256, info.bytes, source_row.id, report, actor)
+                view = variant_view(variant, info.bytes)
+            _crashpoint("add_variant:after-commit")
+            return view
+
+    # -- putting a variant at the watched path --------------------------------------------------
+
+    def activate(self, lora: LoraRef, variant: int, actor: str = "library") -> LoraView:
+        """Put `variant` at the watched path (the policy's choice after a reduction)."""
+        return self._put(lora, lambda _: variant, "activated", actor)
+
+    def switch(self, lora: LoraRef, variant: int, actor: str = "library") -> LoraView:
+        """Put a chosen variant at the watched path (a user's choice)."""
+        return self._put(lora, lambda _: variant, "switched", actor)
+
+    def revert(self, lora: LoraRef, actor: str = "library") -> LoraView:
+        """Put the original back at the watched path."""
+        return self._put(lora, lambda row: row.original_variant_id, "reverted", actor)
+
+    def _put(
+        self, ref: LoraRef, choose: Callable[[Lora], int | None], kind: SwitchKind, actor: str
+    ) -> LoraView:
+        op = {"activated": "activate", "reverted": "revert", "switched": "switch"}[kind]
+        with self.lock, self._failure_recorded(op, actor, ref):
+            with self.db.read() as s:
+                row = self._find_lora(s, ref)
+                lora_id, path, is_folder = row.id, Path(row.path), row.kind == "folder"
+                mirror_path = self.mirror_of(row)
+                wanted = self._variant_of(s, row, choose(row))
+            self._watched(path)  # a folder dropped from the config is no longer lorad's to write
+            target = mirror_path or path  # in mirror mode the watched file is never written
+            stamp, current = self._settled_state(lora_id, target, actor, is_folder, mirrored=mirror_path is not None)
+            if current != wanted.id:
+                _crashpoint("put:before-materialize")
+                self._materialize(wanted, target, stamp, actor)
+            written = self._stamp_token(target, is_folder)  # what lorad itself just put there
+            with self.db.write() as s:
+                row = s.get(Lora, lora_id)
+                variant = s.get(Variant, wanted.id)
+                assert row is not None and variant is not None
+                repo.set_active(s, row, variant)
+                if mirror_path is not None:
+                    row.mirror_stamp = written
+                else:
+                    row.file_stamp = written
+                repo.record_event(s, kind, actor, lora_id, wanted.id, previous_variant=current,
+                                  sha256=wanted.blob_sha256, path=str(target))  # fmt: skip
+            _crashpoint("put:after-commit")
+            log.info(kind, path=shown(target), variant=wanted.id)
+            return self.lora(lora_id)
+
+    def mirror_of(self, row: Lora) -> Path | None:
+        """Where a LoRA's active variant is written when its folder is in mirror mode, else None."""
+        return self.core.mirror_of(row)
+
+    @staticmethod
+    def _stamp_token(path: Path, is_folder: bool) -> str | None:
+        if is_folder:
+            return trees.stamp_of(path)
+        stamp = FileStamp.of_path(path)
+        return stamp.token if stamp else None
+
+    def _settled_state(
+        self, lora_id: int, path: Path, actor: str, is_folder: bool, mirrored: bool = False
+    ) -> tuple[FileStamp | str, int]:
+        """The watched file's stamp (a folder's: lorad.library.trees.stamp_of; a mirrored LoRA's: its
+        mirror file's) and the variant it holds, after reconciling the records to it.
+
+        Refuses when the file is gone or incomplete, or when it held bytes lorad never stored
+        (kept as a new original first: lorad never overwrites what it has not stored).
+        """
+        stamp: FileStamp | str | None
+        if mirrored:
+            stamp = None  # taken below: reconciling writes a missing mirror (only lorad writes there)
+        elif is_folder:
+            folder_swap.recover(path, self.swap_area)  # else an interrupted swap reads as "gone"
+            stamp = trees.stamp_of(path)
+        else:
+            try:
+                stamp = FileStamp.of(os.stat(path))
+            except FileNotFoundError:
+                stamp = None
+        state = self.reconcile(lora_id, actor)
+        if mirrored and state.kind != "gone":
+            stamp = FileStamp.of_path(path)
+        if stamp is None or state.kind == "gone":
+            raise StoreError(f"{path}: the file is gone; lorad does not recreate removed LoRAs")
+        if state.refusal is not None:
+            raise StoreError(f"{path}: {state.refusal.reason}; left as it is")
+        if state.kind == "unsettled":
+            raise StoreError(
+                f"{path}: is not a complete safetensors file (still being written?); left as it is"
+            )
+        if state.kind == "new-original":
+            raise StoreError(
+                f"{path}: changed outside lorad; kept it as a new original (variant "
+                f"{state.variant_id}) and left it in place"
+            )
+        assert state.variant_id is not None
+        return stamp, state.variant_id
+
+    def _materialize(self, wanted: Variant, path: Path, stamp: FileStamp | str, actor: str) -> None:
+        try:
+            if isinstance(stamp, str):
+                folders.put(self.core, wanted, path, stamp, actor)
+            else:
+                self.store.materialize(wanted.blob_sha256, path, expect=stamp)
+        except CorruptBlob as e:
+            self.quarantine(e.sha256, actor, wanted.lora_id, wanted.id)
+            raise StoreError(
+                f"{path}: variant {wanted.id}'s stored bytes are corrupt (moved to the store's bad/); "
+                "the file was left as it was"
+            ) from e
+        except TargetChanged:
+            self.reconcile(wanted.lora_id, actor)
+            raise
+
+    # -- reconciling disk and records -----------------------------------------------------------
+
+    def reconcile(self, lora_id: int, actor: str, trust_stamp: bool = False) -> FileState:
+        """Bring the records to what the watched file holds, and say what that is (see
+        lorad.library.reconcile.reconcile)."""
+        return reconcile_records(self.core, lora_id, actor, trust_stamp)
+
+    def quarantine(
+        self, sha256: str, actor: str, lora_id: int | None = None, variant_id: int | None = None
+    ) -> None:
+        self.core.quarantine(sha256, actor, lora_id, variant_id)
+
+    # -- refusals --------------------------------------------------------------------------------
+
+    def record_refusal(self, path: str | os.PathLike[str], refusal: Refusal) -> None:
+        """Record why a watched path is not taken (see Core.record_refusal)."""
+        self.core.record_refusal(path, refusal)
+
+    def clear_refusal(self, path: str | os.PathLike[str]) -> None:
+        self.core.clear_refusal(path)
+
+    def prune_refusals(self, present: Iterable[str | os.PathLike[str]]) -> None:
+        """Forget the refusals of paths a full scan no longer found (or no longer watches)."""
+        keep = {os.path.abspath(p) for p in present}
+        with self.db.read() as s:
+            stale = [r.path for r in repo.all_refusals(s) if r.path not in keep]
+        if stale:
+            with self.db.write() as s:
+                repo.prune_refusals(s, keep)
+
+    # -- verify and gc (lorad.library.upkeep) ------------------------------------------------------------
+
+    def verify(self, actor: str = "verify", stale_after: timedelta = timedelta(minutes=15)) -> VerifyReport:
+        """Re-hash every blob and every watched file; see lorad.library.upkeep.verify."""
+        return upkeep.verify(self.core, actor, stale_after)
+
+    def gc(
+        self,
+        dry_run: bool = True,
+        keep_variants: int = 2,
+        grace: timedelta = timedelta(hours=1),
+        actor: str = "gc",
+        keep_by_policy: Mapping[str, int] | None = None,
+    ) -> GcPlan:
+        """Plan (and unless `dry_run`, carry out) a collection; see lorad.library.upkeep.gc."""
+        return upkeep.gc(self.core, dry_run, keep_variants, grace, actor, keep_by_policy)
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _watched(self, path: str | os.PathLike[str]) -> tuple[Path, Path]:
+        """The resolved path and the watched root it lies in; refuses anything else."""
+        resolved = Path(path).expanduser().resolve()
+        root = next((r for r in self.roots if resolved.is_relative_to(r) and resolved != r), None)
+        if root is None:
+            roots = ", ".join(str(r) for r in self.roots) or "none configured"
+            raise StoreError(f"{path}: not inside a watched folder ({roots})")
+        if is_temp_name(resolved):
+            raise StoreError(f"{path}: is one of lorad's own temp files")
+        return resolved, root
+
+    def _find_lora(self, s: Session, ref: LoraRef) -> Lora:
+        if isinstance(ref, int):
+            row = s.get(Lora, ref)
+            if row is None:
+                raise StoreError(f"no LoRA with id {ref}")
+            return row
+        path, _ = self._watched(self.unmirrored(ref))
+        row = repo.lora_by_path(s, str(path))
+        if row is None:
+            raise StoreError(f"{path}: lorad has not ingested this file")
+        return row
+
+    def unmirrored(self, ref: str | os.PathLike[str]) -> str | os.PathLike[str]:
+        """A path in a mirror names the watched file it mirrors (users type either)."""
+        given = Path(os.path.abspath(ref))
+        for root, to in self.mirrors.items():
+            if to == given or to in given.parents:
+                return root / given.relative_to(to)
+        return ref
+
+    def _variant_of(self, s: Session, lora: Lora, variant_id: int | None) -> Variant:
+        variant = s.get(Variant, variant_id) if variant_id is not None else None
+        if variant is None or variant.lora_id != lora.id:
+            raise StoreError(f"{lora.path}: has no variant {variant_id}")
+        return variant
+
+    @contextmanager
+    def _failure_recorded(self, op: str, actor: str, subject: object) -> Iterator[None]:
+        """Record a refused or failed operation in the audit trail, then let the error through."""
+        try:
+            yield
+        except DatabaseUnavailable:
+            raise  # recording it would wait on the same lock, and fail the same way
+        except LoradError as e:
+            self._record_failure(op, actor, subject, e)
+            raise
+
+    def _record_failure(self, op: str, actor: str, subject: object, error: Exception) -> None:
+        try:
+            with self.db.write() as s:
+                lora_id = None
+                if isinstance(subject, (int, str, os.PathLike)):
+                    with contextlib.suppress(LoradError):
+                        lora_id = self._find_lora(s, subject).id
+                repo.record_event(s, "failed", actor, lora_id, op=op, subject=str(subject), error=str(error))
+        except Exception as e:  # the audit trail must not hide the error being reported
+            log.warning("could not record a failure", op=op, error=shown(str(e)))
+
