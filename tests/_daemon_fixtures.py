@@ -3,6 +3,8 @@ real `lorad daemon` subprocess driven through the real `lorad` CLI."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -149,7 +151,7 @@ class Daemon:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log_tail()}")
-        return cli(self.config, "status", "--json", check=False).returncode == 0
+        return cli_here(self.config, "status", "--json")[0] == 0
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         assert self.proc is not None
@@ -191,6 +193,31 @@ def cli(config: Path | None, *args: str, check: bool = True, socket: Path | None
     return result
 
 
+def cli_here(config: Path, *args: str) -> tuple[int, str, str]:
+    """Run the real `lorad` command's code in this process, with `--config`: (status, stdout,
+    stderr). Wait loops ask many times a second; a new interpreter each time (0.5 s of CPU) took
+    the cores that the job being waited on needs. `cli` runs the command as its own process."""
+    from lorad.cli.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([args[0], "--config", str(config), *args[1:]])
+    return code, out.getvalue(), err.getvalue()
+
+
 def cli_json(config: Path, *args: str) -> Any:
-    return json.loads(cli(config, *args, "--json").stdout)
+    code, out, err = cli_here(config, *args, "--json")
+    if code != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({code}):\n{out}\n{err}")
+    return json.loads(out)
+
+
+def show_if_known(config: Path, ref: str) -> Any:
+    """`lorad show REF --json`, or None while the daemon has not ingested it yet."""
+    code, out, err = cli_here(config, "show", ref, "--json")
+    if code != 0 and json.loads(out or "{}").get("error", {}).get("code") == "not_found":
+        return None
+    if code != 0:
+        raise AssertionError(f"show {ref} failed ({code}):\n{out}\n{err}")
+    return json.loads(out)
 

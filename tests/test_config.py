@@ -208,3 +208,10 @@ def test_politeness_settings_parse() -> None:
 def test_bad_politeness_settings_name_key_and_line(extra: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(MINIMAL + extra)
+
+
+def test_database_busy_timeout() -> None:
+    assert parse_config(MINIMAL).database_busy_timeout == 10.0
+    assert parse_config(MINIMAL + "database_busy_timeout: 2.5\n").database_busy_timeout == 2.5
+    with pytest.raises(ConfigError, match=r"line 8: database_busy_timeout: .*out of range"):
+        parse_config(MINIMAL + "database_busy_timeout: 0\n")

@@ -159,11 +159,13 @@ def test_refused_files_say_why_and_a_rescan_takes_them_once_fixed(tmp_path: Path
 def test_a_locked_database_delays_an_ingest_but_does_not_drop_it(rig: tuple[Path, Daemon]) -> None:
     tmp, daemon = rig
     config = daemon.config
+    with open(config, "a") as f:  # a write gives up after 1 s; the lock is held for 3
+        f.write("database_busy_timeout: 1\n")
     daemon.start()
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sqlite3, sys, time\n"
          "c = sqlite3.connect(sys.argv[1], isolation_level=None); c.execute('BEGIN IMMEDIATE')\n"
-         "print('locked', flush=True); time.sleep(14)", str(tmp / "state" / "lorad.db")],
+         "print('locked', flush=True); time.sleep(3)", str(tmp / "state" / "lorad.db")],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert holder.stdout is not None and holder.stdout.readline() == "locked\n"

@@ -27,7 +27,7 @@ from structlog.testing import capture_logs
 from lorad.library.hashes import HashQueryError
 from lorad.library.library import Library
 from lorad.library.sidecars import MAX_SIDECAR_BYTES
-from tests._daemon_fixtures import cli, cli_json, wait_for
+from tests._daemon_fixtures import cli, cli_json, show_if_known, wait_for
 from tests._daemon_fixtures import make_lora as make_daemon_lora
 from tests._store_fixtures import civitai_hashes, make_lora, reduce_with_engine, sha256_of
 
@@ -282,8 +282,8 @@ def test_lorad_find_end_to_end(rig):
     daemon.start()
 
     def reduced() -> dict[str, Any] | None:
-        shown = cli_json(config, "show", str(path))
-        return shown if any(v["active"] and v["kind"] == "reduced" for v in shown["variants"]) else None
+        shown = show_if_known(config, str(path))
+        return shown if shown and any(v["active"] and v["kind"] == "reduced" for v in shown["variants"]) else None
 
     shown = wait_for(reduced, 90, 0.2, "the reduction to be activated")
     now = identities(path)

@@ -140,6 +140,9 @@ class Config:
     workers: int = 1  # concurrent reduction jobs; 1 owns the GPU, more only makes sense on CPU
     lease_seconds: float = 60.0  # a running job's lease, renewed by its heartbeat
     max_attempts: int = 3
+    # How long a write waits for another holder of SQLite's write lock before the operation is
+    # given up as transient (and retried): a backup tool or `sqlite3` holding the file.
+    database_busy_timeout: float = 10.0
     operator_group: str | None = None  # members may call mutating methods
     # Politeness towards the apps the user runs in the foreground (ComfyUI, Forge...):
     cpu_threads: int = field(default_factory=default_cpu_threads)  # torch threads per reduction
@@ -414,7 +417,7 @@ def _path(value: Any, at: _At, base: Path) -> Path:
 
 _TOP_KEYS = ("state_dir", "database", "socket", "device", "watch", "policies", "schedule",
              "settle_seconds", "poll_seconds", "workers", "lease_seconds", "max_attempts",
-             "operator_group", "cpu_threads", "nice", "io_idle", "gpu_busy")  # fmt: skip
+             "operator_group", "cpu_threads", "nice", "io_idle", "gpu_busy", "database_busy_timeout")  # fmt: skip
 _POLICY_KEYS = ("method", "param", "max_rank", "budget_mb", "kohya_compat", "min_saving",
                 "min_fro_retained", "activate", "keep_variants", "rank_multiple", "uniform", "serve")  # fmt: skip
 _WATCH_KEYS = ("path", "recursive", "policy", "poll", "mode", "mirror_to")
@@ -601,6 +604,7 @@ def _config(doc: Any, source: str, base: Path) -> Config:
         workers=_int(doc.get("workers", 1), at("workers"), 1),
         lease_seconds=_number(doc.get("lease_seconds", 60.0), at("lease_seconds"), 1, 86400),
         max_attempts=_int(doc.get("max_attempts", 3), at("max_attempts"), 1),
+        database_busy_timeout=_number(doc.get("database_busy_timeout", 10.0), at("database_busy_timeout"), 0.1, 600),
         operator_group=None if group is None else _string(group, at("operator_group")),
         cpu_threads=_cpu_threads(doc.get("cpu_threads"), at("cpu_threads")),
         nice=_nice(doc.get("nice", 10), at("nice")),

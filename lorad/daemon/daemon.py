@@ -109,7 +109,8 @@ class Daemon:
 
         mirrors = {w.path: w.mirror_to for w in cfg.watch if w.mirror_to is not None}
         self.library = Library(cfg.state_dir, [w.path for w in cfg.watch], cfg.database,
-                               operator_gid=group_id(cfg.operator_group), mirrors=mirrors)  # fmt: skip
+                               operator_gid=group_id(cfg.operator_group), mirrors=mirrors,
+                               busy_timeout_ms=round(cfg.database_busy_timeout * 1000))  # fmt: skip
         self.queue = Queue(self.library.db, cfg.lease_seconds, cfg.max_attempts)
         requeued = self.queue.requeue_expired()
         if requeued:
