@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 from lorad.engine.engine import ReduceSettings, reduce_file
-from lorad.errors import ReduceError
+from lorad.errors import ReduceError, TransientError
 from tests import _layouts as L
 from tests import _readers as R
 
@@ -487,25 +487,53 @@ def test_output_scale_encoding_and_metadata(runs: _Runs, layout: L.Layout, metho
 
 
 # ---------------------------------------------------------------------------------------------
-# A DoRA adapter folder: nothing in it can be SVD-reduced
+# DoRA: its modules pass through (DESIGN); a file of nothing else is refused
 
 
-def test_peft_dora_folder_is_refused_or_kept_exactly(tmp_path: Path) -> None:
+def _tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_peft_dora_folder_is_refused_with_a_reason_and_nothing_written(tmp_path: Path) -> None:
+    """Every module of a DoRA adapter must pass through, so an output would be a copy that saves
+    nothing (and the daemon would record a pointless variant): the engine refuses the folder, says
+    why, naming DoRA, and leaves no output behind and the input as it was."""
     built = L.peft_llm_dora(tmp_path)
     assert built.passed and not built.reduced
+    assert json.loads((built.path / R.PEFT_CONFIG).read_text())["use_dora"] is True
+    before = _tree_bytes(built.path)
     dst = tmp_path / "dora.fro0.9"
-    try:
-        report = reduce_file(built.path, dst, METHODS["fro"])
-    except ReduceError as e:
-        assert "dora" in str(e).lower(), f"refused without naming DoRA: {e}"
-        assert not dst.exists(), "a refused run left an output behind"
-        return
-    assert all(m.skipped for m in report.modules), "a DoRA module was reduced"
-    src, out = R.open_file(built.path), R.open_file(dst)
-    assert out.tensors.keys() == src.tensors.keys()
-    assert all(_same_bits(src.tensors[k], out.tensors[k]) for k in src.tensors)
-    for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_dora"):
-        assert (out.peft_config or {}).get(key) == (src.peft_config or {}).get(key), key
+    with pytest.raises(ReduceError) as refused:
+        reduce_file(built.path, dst, METHODS["fro"])
+    message = str(refused.value)
+    assert f"none of its {len(built.passed)} modules can be reduced" in message, message
+    assert "DoRA" in message, message
+    assert not isinstance(refused.value, TransientError)  # the same every time: the daemon must not retry
+    assert sorted(p.name for p in tmp_path.iterdir()) == [built.path.name], "an output or temp file was left"
+    assert _tree_bytes(built.path) == before
+
+
+def test_dora_modules_pass_through_exactly_beside_reduced_loras(runs: _Runs) -> None:
+    """A file mixing DoRA modules (LyCORIS dora_scale) with plain LoRAs is reduced, not refused: the
+    DoRA modules come out bit for bit, reported as DoRA with their reason; the plain ones shrink."""
+    layout = LAYOUT["lycoris_sdxl_mixed"]
+    built = runs.original(layout)
+    out, report = runs.reduced(layout, "fro")
+    src, dst = R.open_file(built.path), R.open_file(out)
+    dora = [name for name in built.passed if f"{name}.dora_scale" in src.tensors]
+    assert dora and built.reduced, "the layout no longer mixes DoRA with plain LoRA modules"
+    by_name = {m.name: m for m in report.modules}
+    for name in dora:
+        m = by_name[name]
+        assert (m.kind, m.rank_out) == ("dora", m.rank_in) and m.skipped and "DoRA" in m.skipped, m
+        keys = {f"{name}.{part}" for part in ("lora_up.weight", "lora_down.weight", "alpha", "dora_scale")}
+        assert {k for k in src.tensors if k.startswith(f"{name}.")} == keys
+        changed = [k for k in sorted(keys) if k not in dst.tensors or not _same_bits(src.tensors[k], dst.tensors[k])]
+        assert not changed, f"DoRA tensors changed or missing: {changed}"
+    for name in built.reduced:
+        m = by_name[name]
+        assert m.skipped is None and m.rank_out < m.rank_in, m
+    assert out.stat().st_size < built.path.stat().st_size
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,10 +3,8 @@ flow, and two workers sharing one job queue, as a fleet sharing one store would.
 
 from __future__ import annotations
 
-import threading
-from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, timedelta
 from pathlib import Path
 
@@ -23,9 +21,7 @@ from tests._pg import pg_server, pg_url  # noqa: F401  (fixtures)
 from tests._store_fixtures import make_lora, sha256_of, table
 from tests.test_library import _events, _reduce, root  # noqa: F401 - root is a fixture
 from tests.test_migrations import TABLES, _diff
-from tests.test_queue import Clock, sha
-
-THREAD_TIMEOUT_S = 30
+from tests.test_queue import Clock, run_competing_workers, sha
 
 
 def _tables(url: str) -> set[str]:
@@ -178,36 +174,17 @@ def two_databases(migrated_url):
         db.close()
 
 
-def _claim_until_empty(queue: Queue, name: str, start: threading.Barrier, claimed: list[tuple[str, int]],
-                       errors: list[BaseException]) -> None:  # fmt: skip
-    try:
-        start.wait(THREAD_TIMEOUT_S)
-        while (job := queue.claim(name)) is not None:
-            claimed.append((name, job.id))  # list.append is atomic under the GIL
-            queue.complete(job.id, name, None)
-    except BaseException as e:  # reported by the test thread, which alone can fail the test
-        errors.append(e)
-
-
 def test_two_workers_claim_every_job_exactly_once(two_databases):
+    """Both workers take part (run_competing_workers holds each one's first job until the other has
+    claimed too), every job is completed once, and no thread died or hung unnoticed."""
     a, b = (Queue(db) for db in two_databases)
     ids = [a.enqueue(sha(n), None, "p", "h")[0].id for n in range(40)]
-    claimed: list[tuple[str, int]] = []
-    errors: list[BaseException] = []
-    start = threading.Barrier(2)  # both workers begin claiming at the same moment
-    threads = [
-        threading.Thread(target=_claim_until_empty, args=(q, name, start, claimed, errors))
-        for q, name in ((a, "worker-a"), (b, "worker-b"))
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(THREAD_TIMEOUT_S)
-    assert not any(t.is_alive() for t in threads) and errors == []
-    claims_per_job = Counter(job_id for _, job_id in claimed)
-    assert sorted(claims_per_job) == ids and set(claims_per_job.values()) == {1}
+    completed = run_competing_workers({"worker-a": lambda: nullcontext(a), "worker-b": lambda: nullcontext(b)})
+    assert sorted(completed) == ids
+    assert set(completed.values()) == {"worker-a", "worker-b"}  # both really claimed jobs
     assert a.counts() == {PENDING: 0, RUNNING: 0, DONE: 40, FAILED: 0}
-    assert all(j.attempts == 1 for j in b.jobs())  # nobody claimed, lost and re-claimed a job
+    # Claimed once each (nobody claimed, lost and re-claimed a job), and released by its completer.
+    assert {(j.id, j.state, j.attempts, j.worker) for j in b.jobs()} == {(i, DONE, 1, None) for i in ids}
 
 
 def test_a_claim_skips_the_job_another_worker_is_claiming(two_databases):

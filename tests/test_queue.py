@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections import Counter
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -174,35 +178,86 @@ def test_jobs_survive_a_restart(url: str) -> None:
         reopened.close()
 
 
-def test_concurrent_workers_never_share_a_job(url: str) -> None:
-    """Four workers, each with its own engine (as separate processes would be), 60 jobs."""
-    setup = Database(url)
-    for n in range(60):
-        Queue(setup).enqueue(sha(n), None, "p", "h")
-    setup.close()
-    claimed: list[int] = []
-    lock = threading.Lock()
+WORKER_TIMEOUT_S = 30
+
+
+def run_competing_workers(open_queues: dict[str, Callable[[], AbstractContextManager[Queue]]]) -> dict[int, str]:
+    """One thread per named worker, each on its own queue (`open_queues[name]()`, entered in the
+    thread), claiming and completing jobs until none is due. Returns {job id: the worker that
+    completed it}; each completion is recorded once, so a job completed twice fails here.
+
+    The workers compete for real, by construction rather than by luck: they start together (a
+    barrier), and each holds its first claimed job until every worker has claimed one, so no worker
+    can drain the queue before the others begin (hence at least one due job per worker is needed).
+    While it holds a job, each worker checks that the database names it as the job's running worker.
+    Any exception in a thread, a gate that never opens, or a thread still running after the timeout
+    fails the test."""
+    names = list(open_queues)
+    start = threading.Barrier(len(names))
+    gate = threading.Condition()
+    first_claims: set[str] = set()
+    completed: dict[int, str] = {}
+    errors: list[str] = []
 
     def work(name: str) -> None:
-        db = Database(url)
-        q = Queue(db)
         try:
-            while (job := q.claim(name)) is not None:
-                with lock:
-                    claimed.append(job.id)
-                q.complete(job.id, name, None)
-        finally:
-            db.close()
+            with open_queues[name]() as q:
+                start.wait(WORKER_TIMEOUT_S)
+                while (job := q.claim(name)) is not None:
+                    held = q.get(job.id)
+                    assert (held.state, held.worker) == (RUNNING, name), f"{name} claimed {job.id}: db says {held}"
+                    with gate:
+                        first_claims.add(name)
+                        gate.notify_all()
+                        if not gate.wait_for(lambda: len(first_claims) == len(names), WORKER_TIMEOUT_S):
+                            raise AssertionError(f"{name} holds job {job.id}, but after {WORKER_TIMEOUT_S}s "
+                                                 f"only {sorted(first_claims)} of {names} ever claimed a job")
+                    done = q.complete(job.id, name, None)
+                    assert done.state == DONE, done
+                    with gate:
+                        assert job.id not in completed, f"job {job.id} completed by {completed[job.id]} and {name}"
+                        completed[job.id] = name
+        except BaseException:  # reported by the test's own thread, which alone can fail the test
+            errors.append(f"{name}: {traceback.format_exc()}")
 
-    threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(4)]
+    threads = [threading.Thread(target=work, args=(name,), name=name) for name in names]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 2 * WORKER_TIMEOUT_S
     for t in threads:
-        t.join(60)
-    assert len(claimed) == 60 and Counter(claimed).most_common(1)[0][1] == 1
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert errors == [], "a worker thread raised:\n" + "\n".join(errors)
+    assert not [t.name for t in threads if t.is_alive()], "worker threads still running after the timeout"
+    return completed
+
+
+@contextmanager
+def _own_database(url: str) -> Iterator[Queue]:
+    db = Database(url)
+    try:
+        yield Queue(db)
+    finally:
+        db.close()
+
+
+def test_concurrent_workers_never_share_a_job(url: str) -> None:
+    """Four workers, each with its own engine (as separate processes would be), 60 jobs: every job
+    is claimed and completed once, by the worker the database names, and every worker takes part."""
+    setup = Database(url)
+    ids = [Queue(setup).enqueue(sha(n), None, "p", "h")[0].id for n in range(60)]
+    setup.close()
+    names = [f"w{i}" for i in range(4)]
+    completed = run_competing_workers({name: partial(_own_database, url) for name in names})
+    assert sorted(completed) == ids
+    assert set(completed.values()) == set(names)  # all four really claimed jobs
     check = Database(url)
-    assert Queue(check).counts()[DONE] == 60
-    check.close()
+    try:
+        q = Queue(check)
+        assert q.counts() == {PENDING: 0, RUNNING: 0, DONE: 60, FAILED: 0}
+        # Claimed once each (no job was lost and re-claimed), and released by its completer.
+        assert {(j.id, j.state, j.attempts, j.worker) for j in q.jobs()} == {(i, DONE, 1, None) for i in ids}
+    finally:
+        check.close()
 
 
 def test_backoff_grows_and_is_capped() -> None:
