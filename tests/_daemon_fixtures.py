@@ -221,3 +221,21 @@ def show_if_known(config: Path, ref: str) -> Any:
         raise AssertionError(f"show {ref} failed ({code}):\n{out}\n{err}")
     return json.loads(out)
 
+
+def sigstopped(daemon: Daemon, timeout: float = 30) -> Daemon:
+    """SIGSTOP the daemon and wait until the kernel shows every one of its threads stopped: a
+    thread still running for a moment after the signal does what the test means it not to (reads
+    its inotify queue, accepts a connection). The caller sends SIGCONT."""
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGSTOP)
+    tasks = Path(f"/proc/{daemon.proc.pid}/task")
+
+    def all_threads_stopped() -> bool:
+        try:
+            states = [(t / "stat").read_text().rpartition(")")[2].split()[0] for t in tasks.iterdir()]
+        except FileNotFoundError:  # a thread ended as we looked
+            return False
+        return all(state in ("T", "t") for state in states)
+
+    wait_for(all_threads_stopped, timeout, what="the daemon to stop")
+    return daemon

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,6 +56,16 @@ def refusal(config: Path, path: Path) -> str | None:
     return refused[0] if refused else None
 
 
+def refused_later(daemon: Daemon, folder: Path) -> Path:
+    """Drop a pickle named *.safetensors into `folder` and wait until the daemon has refused it:
+    whatever settled before it has been taken or refused (and logged) by then."""
+    later = folder / "later.safetensors"
+    later.write_bytes(b"\x80\x04\x95" + b"\0" * 64)
+    wait_for(lambda: any(e.get("event") == "refused" and e.get("path") == str(later) for e in daemon.log_events()),
+             60, 0.2, "the refusal of the file dropped last")  # fmt: skip
+    return later
+
+
 def active(lora: dict[str, Any]) -> dict[str, Any]:
     [variant] = [v for v in lora["variants"] if v["active"]]
     return variant
@@ -83,10 +92,11 @@ def test_a_folder_copied_file_by_file_is_reduced_swapped_in_reverted_and_switche
     reference = make_adapter(tmp / "reference", seed=1)  # the same files, outside lorad's reach
     expected = peft_deltas(reference)
 
-    # Weights first, slowly; the config after a pause longer than the settle time; then the card.
+    # Weights first, slowly; the config once the weights alone have settled and been judged (refused
+    # as incomplete: the judgement that would have taken either); then the card.
     folder.mkdir()
     write_slowly(files["adapter_model.safetensors"], folder / "adapter_model.safetensors", 6, 0.1)
-    time.sleep(1.5)
+    wait_for(lambda: "adapter_config.json" in (refusal(config, folder) or ""), 60, 0.2, "the weights alone refused")
     assert str(folder / "adapter_model.safetensors") not in by_path(config)  # never a LoRA of its own
     assert str(folder) not in by_path(config)  # no config yet: not complete, not taken
     write_slowly(files["adapter_config.json"], folder / "adapter_config.json", 3, 0.1)
@@ -119,7 +129,9 @@ def test_a_folder_copied_file_by_file_is_reduced_swapped_in_reverted_and_switche
 
     verified = cli_json(config, "verify")
     assert verified["corrupt"] == [] and verified["missing"] == [] and verified["reconciled"] == []
-    time.sleep(1.0)  # lorad's own swaps never came back to it as new folders
+    # lorad's own swaps never came back to it as new folders: files are judged in the order they
+    # settle, so a swap taken for new would be logged before a file dropped after the swaps is refused.
+    refused_later(daemon, tmp / "adapters")
     assert [e["path"] for e in daemon.log_events() if e.get("event") == "file settled"] == [str(folder)]
     assert daemon.stop() == 0
 
@@ -133,7 +145,8 @@ def test_weights_without_a_config_are_refused_as_incomplete_and_never_reduced(ri
     kohya = make_lora(tmp / "loras" / "plain.safetensors")  # an ordinary file beside it still goes
     daemon.start()
     wait_for(lambda: active_kind(config, kohya) == "reduced", 120, 0.2, "the plain file reduced")
-    time.sleep(1.0)
+    # Judged (and refused) is the last that happens to the folder until it changes.
+    wait_for(lambda: "adapter_config.json" in (refusal(config, loose) or ""), 60, 0.2, "the loose weights refused")
     assert list(by_path(config)) == [str(kohya)]
     assert (loose / "adapter_model.safetensors").read_bytes() == adapter_files(seed=2)["adapter_model.safetensors"]
     assert "adapter_config.json" in (refusal(config, loose) or "")

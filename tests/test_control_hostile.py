@@ -30,7 +30,7 @@ import lorad.cli.cli
 from lorad.daemon.control.client import Client
 from lorad.daemon.control.protocol import ControlError
 from lorad.daemon.control.server import MAX_CONNECTIONS, PER_UID_CONNECTIONS
-from tests._daemon_fixtures import Daemon, cli, lorad_env, wait_for, write_config
+from tests._daemon_fixtures import Daemon, cli, lorad_env, sigstopped, wait_for, write_config
 
 BUSY_LINE = "lorad: the daemon is busy (too many connections); try again"
 BUSY_EXIT = 75
@@ -221,29 +221,11 @@ class Outsider:
 # Floods and hoarding
 
 
-def stopped(daemon: Daemon) -> Daemon:
-    """SIGSTOP, and wait until the kernel shows it stopped: a daemon still running for a moment
-    after the signal accepts a flood's connection and frees the very backlog slot a test fills."""
-    assert daemon.proc is not None
-    daemon.proc.send_signal(signal.SIGSTOP)
-    tasks = Path(f"/proc/{daemon.proc.pid}/task")
-
-    def all_threads_stopped() -> bool:
-        try:
-            states = [(t / "stat").read_text().rpartition(")")[2].split()[0] for t in tasks.iterdir()]
-        except FileNotFoundError:  # a thread ended as we looked
-            return False
-        return all(state in ("T", "t") for state in states)
-
-    wait_for(all_threads_stopped, timeout=30, what="the daemon to stop")
-    return daemon
-
-
 def test_hangups_at_the_connection_cap_leave_the_control_plane_alive(rig: Rig) -> None:
     """The reported kill: 40 idle connections, then 5 that connect and close. Stopping the daemon
     meanwhile puts all 45 in the backlog, so it meets the hang-ups only once it is at its cap."""
     assert rig.daemon.proc is not None
-    stopped(rig.daemon)
+    sigstopped(rig.daemon)
     try:
         held = [connect(rig.sock) for _ in range(40)]
         for _ in range(5):
@@ -309,7 +291,7 @@ def test_a_cap_full_of_idle_connections_makes_room_for_newcomers(rig: Rig) -> No
 
 def test_a_full_backlog_makes_the_cli_say_busy_rather_than_crash(rig: Rig) -> None:
     assert rig.daemon.proc is not None
-    stopped(rig.daemon)  # a flood faster than the daemon accepts
+    sigstopped(rig.daemon)  # a flood faster than the daemon accepts
     flood = []
     try:
         while True:

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from lorad.daemon.config import Config, GpuBusy, Policy, parse_config
-from lorad.daemon.queue import DONE, FAILED, PENDING, Queue
+from lorad.daemon.queue import DONE, FAILED, PENDING, RUNNING, Queue
 from lorad.daemon.worker import (
     GPU_STATE_ENV,
     MODULE_DELAY_ENV,
@@ -218,20 +218,27 @@ def test_stop_abandons_a_long_job_kills_its_process_and_gives_it_back(rig: Rig, 
 
 
 def test_heartbeat_keeps_a_long_job_leased_and_reports_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 3 s lease renewed every second: a heartbeat's write may stall 2 s on a loaded machine and
+    # the lease still holds. 24 modules at 0.25 s: a job of 6 s at least, twice the lease.
     monkeypatch.setenv(MODULE_DELAY_ENV, "0.25")
-    rig = Rig(tmp_path, lease=1.0)
+    rig = Rig(tmp_path, lease=3.0)
     try:
-        _, job_id = rig.add("long.safetensors", modules=12)
+        _, job_id = rig.add("long.safetensors", modules=24)
         worker = rig.worker()
-        seen_progress = []
+        seen_progress, beats = [], set()
         deadline = time.monotonic() + 300
-        while rig.queue.get(job_id).state != DONE and time.monotonic() < deadline:
+        while (job := rig.queue.get(job_id)).state != DONE and time.monotonic() < deadline:
             assert rig.queue.requeue_expired() == []  # the lease never runs out while it works
-            seen_progress.append(rig.queue.get(job_id).progress)
+            seen_progress.append(job.progress)
+            if job.state == RUNNING:
+                beats.add(job.heartbeat_at)
             time.sleep(0.1)
         job = rig.queue.get(job_id)
         assert job.state == DONE and job.attempts == 1
         assert any(p is not None and 0 < p < 1 for p in seen_progress)
+        # The claim's stamp and three renewals a second apart at least: the job outlived its
+        # first lease, so the check above would have seen it expire without them.
+        assert len(beats) >= 4, beats
         assert worker.healthy()
     finally:
         rig.close()
@@ -339,17 +346,32 @@ def test_without_nvml_the_gpu_is_never_busy_and_jobs_run(rig: Rig, monkeypatch: 
     assert worker.waiting is None and rig.queue.get(job_id).attempts == 1
 
 
+class CountingProbe(GpuProbe):
+    """A GpuProbe that counts its looks: each is a due job claimed, judged and (while the GPU is
+    busy) given back."""
+
+    looks = 0
+
+    def busy(self) -> str | None:
+        reason = super().busy()
+        self.looks += 1
+        return reason
+
+
 def test_a_busy_gpu_holds_jobs_back_until_it_is_free(rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     state = tmp_path / "gpu-state"
     state.write_text("95 80000\n")
     monkeypatch.setenv(GPU_STATE_ENV, str(state))
-    worker = rig.worker(gpu=GpuProbe(GpuBusy(check_every=0.1), gpu_jobs=True))
+    probe = CountingProbe(GpuBusy(check_every=0.1), gpu_jobs=True)
+    worker = rig.worker(gpu=probe)
     _, job_id = rig.add("g.safetensors")
     wait_for(lambda: worker.waiting, 30, what="the worker to wait")
     assert worker.waiting == "GPU busy (utilisation 95% > 30%)"
-    time.sleep(1.0)
-    job = rig.queue.get(job_id)
-    assert (job.state, job.attempts) == (PENDING, 0) and reduction_children() == []
+    looked = probe.looks
+    wait_for(lambda: probe.looks >= looked + 3, 30, what="three more looks at the busy GPU")
+    assert worker.finished == 0 and worker.running is None and reduction_children() == []
+    # Claimed for each look and given back untouched after it: pending between looks.
+    wait_for(lambda: (j := rig.queue.get(job_id)).state == PENDING and j.attempts == 0, 30, what="the job given back")
     state.write_text("0 1000\n")  # idle, but too little VRAM left for a GPU job
     wait_for(lambda: worker.waiting and "MiB free" in worker.waiting, 30, what="the memory reason")
     state.write_text("0 80000\n")
@@ -357,12 +379,24 @@ def test_a_busy_gpu_holds_jobs_back_until_it_is_free(rig: Rig, tmp_path: Path, m
     assert worker.waiting is None and rig.queue.get(job_id).attempts == 1
 
 
+class CountingGate(Gate):
+    """A Gate that counts the times a worker asked whether it may start a job."""
+
+    looks = 0
+
+    def is_open(self) -> bool:
+        self.looks += 1
+        return super().is_open()
+
+
 def test_a_paused_gate_starts_nothing_until_resumed(rig: Rig) -> None:
-    rig.gate.set_paused(True)
+    rig.gate = gate = CountingGate()
+    gate.set_paused(True)
     _, job_id = rig.add("p.safetensors")
-    rig.worker()
-    time.sleep(0.5)
-    assert rig.queue.get(job_id).state == PENDING
+    worker = rig.worker()
+    wait_for(lambda: gate.looks >= 3, 30, what="the worker to find the gate closed three times")
+    job = rig.queue.get(job_id)
+    assert (job.state, job.attempts) == (PENDING, 0) and worker.finished == 0 and worker.running is None
     rig.gate.set_paused(False)
     rig.wait_state(job_id, DONE)
 

@@ -32,7 +32,6 @@ request (the schedule, `lorad rescan`). Folders on network filesystems are polle
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import stat
 import threading
@@ -45,6 +44,7 @@ from watchdog.events import (
     DirCreatedEvent,
     DirDeletedEvent,
     DirMovedEvent,
+    EventsLostEvent,
     FileClosedEvent,
     FileCreatedEvent,
     FileDeletedEvent,
@@ -70,7 +70,6 @@ PARTIAL_SUFFIXES = (".part", ".crdownload", ".aria2", ".incomplete", ".tmp")
 # Filesystems that deliver no inotify events for changes made elsewhere: poll them.
 NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "afs",
                         "lustre", "gpfs", "beegfs", "sshfs", "davfs", "virtiofs"})  # fmt: skip
-_WATCHDOG_OVERFLOW_LOGGER = "watchdog.observers.inotify_c"
 RETRY_BASE = 1.0  # seconds before the first retry of a file whose taking-in failed transiently
 RETRY_CAP = 60.0
 
@@ -384,6 +383,10 @@ class _Handler(FileSystemEventHandler):
 
     def _route(self, event: FileSystemEvent) -> None:
         watcher, settler = self._watcher, self._watcher.settler
+        if isinstance(event, EventsLostEvent):
+            # The kernel's inotify queue overflowed (IN_Q_OVERFLOW): events are gone; scan.
+            watcher.request_reconcile("inotify queue overflow")
+            return
         src = Path(os.fsdecode(event.src_path))
         if isinstance(event, FileClosedEvent):
             settler.hint(src, confirmed=True)
@@ -430,18 +433,6 @@ def _plain_file(path: Path) -> bool:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
         return True  # gone already: nothing to confirm
-
-
-class _OverflowSignal(logging.Handler):
-    """watchdog reports IN_Q_OVERFLOW only as a log warning; turn that into a reconcile request."""
-
-    def __init__(self, on_overflow: Callable[[], None]) -> None:
-        super().__init__(logging.WARNING)
-        self._on_overflow = on_overflow
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "overflow" in record.getMessage().lower():
-            self._on_overflow()
 
 
 def _inotify_observer() -> BaseObserver:
@@ -491,14 +482,12 @@ class Watcher:
         self._stop = threading.Event()
         self._reconcile = threading.Event()
         self._thread: threading.Thread | None = None
-        self._overflow = _OverflowSignal(lambda: self.request_reconcile("inotify queue overflow"))
         self.reconciles = 0  # completed reconcile scans (status, tests)
         self.restarts = 0  # observers restarted after dying
 
     # life cycle --------------------------------------------------------------------------
 
     def start(self) -> None:
-        logging.getLogger(_WATCHDOG_OVERFLOW_LOGGER).addHandler(self._overflow)
         self._start_observers()
         self.request_reconcile("start")
         self._thread = threading.Thread(target=self._run, name="lorad-settle", daemon=True)
@@ -506,7 +495,6 @@ class Watcher:
 
     def stop(self) -> None:
         self._stop.set()
-        logging.getLogger(_WATCHDOG_OVERFLOW_LOGGER).removeHandler(self._overflow)
         self._stop_observers()
         if self._thread:
             self._thread.join(timeout=10)
