@@ -10,6 +10,7 @@ batch; only the reduced output is held in memory.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,21 +119,30 @@ def _run(src: Path, dst: Path | None, settings: ReduceSettings, progress: Progre
         raise ReduceError(f"{src}: none of its {len(source.modules)} modules can be reduced "
                           f"({source.modules[0].skip})")
     notes: list[str] = list(source.notes)
+    hashes = _hashes_in_background(source)
     try:
-        return _run_on(source, dst, settings, progress, device, notes, started, fake_oom_limit())
+        return _run_on(source, dst, settings, progress, device, notes, started, fake_oom_limit(), hashes)
     except DeviceOutOfMemory as e:
         if device.type == "cpu" and fake_oom_limit() is None:
             raise ReduceError(f"{src}: out of memory: {e}") from None
         notes.append(f"out of memory: {e}; the file was reduced on the CPU instead")
-        return _run_on(source, dst, settings, progress, torch.device("cpu"), notes, started, None)
+        return _run_on(source, dst, settings, progress, torch.device("cpu"), notes, started, None, hashes)
+
+
+def _hashes_in_background(source: LoraSource) -> Future[tuple[str, str]]:
+    """The input's sha256 and data sha256, read in a thread while the modules are decomposed:
+    file reads and hashlib release the GIL, so the hashing costs no wall time of its own."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="lorad-hash")
+    try:
+        return pool.submit(file_hashes, source.weights, source.header)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _run_on(source: LoraSource, dst: Path | None, settings: ReduceSettings, progress: Progress | None,
-            device: torch.device, notes: list[str], started: float, fake_oom: int | None) -> Report:
+            device: torch.device, notes: list[str], started: float, fake_oom: int | None,
+            hashes: Future[tuple[str, str]]) -> Report:
     notes = list(notes)
-    source_sha256, source_data_sha256 = file_hashes(source.weights, source.header)
-    input_info = FileInfo(str(source.path), source_sha256, source.header.file_bytes, source.format,
-                          len(source.modules))  # fmt: skip
     rule = settings.rule
 
     jobs: list[Job] = []
@@ -156,13 +166,9 @@ def _run_on(source: LoraSource, dst: Path | None, settings: ReduceSettings, prog
         module_reports = job(fixed_ranks, enc).plan(known)
         output = None
     else:
-        extra = {"lorad.source_autov3": source_data_sha256[:12]}
-        if not rule.is_plain:
-            extra.update({"lorad.rank_rule": rule.describe(settings.max_rank),
-                          **({"lorad.serve": rule.serve} if rule.serve else {})})
-        provenance = writer.provenance_keys(input_info.sha256, settings.method, _param(settings), extra)
         for attempt in range(3):
             module_reports, outputs = job(fixed_ranks, enc).reduce()
+            provenance = _provenance(settings, rule, *hashes.result())
             written = _write(source, outputs, enc, dst, provenance, module_reports)
             overshoot = written.bytes - _target_bytes(settings) if settings.method == "budget" else 0
             if overshoot <= 0 or attempt == 2:
@@ -173,9 +179,19 @@ def _run_on(source: LoraSource, dst: Path | None, settings: ReduceSettings, prog
         if settings.method == "budget":
             notes.append(_budget_note(written.bytes, settings))
     reports = _in_file_order(source, module_reports)
+    input_info = FileInfo(str(source.path), hashes.result()[0], source.header.file_bytes, source.format,
+                          len(source.modules))  # fmt: skip
     return Report(input_info, output, settings.method, _param(settings), time.perf_counter() - started,
                   str(device), reports, tuple(notes), _largest_spectra(jobs[-1].spectra_seen, module_reports),
                   None if rule.is_plain else rule.describe(settings.max_rank), rule.serve)
+
+
+def _provenance(settings: ReduceSettings, rule: rank_rules.RankRule, sha256: str, data_sha256: str) -> dict[str, str]:
+    extra = {"lorad.source_autov3": data_sha256[:12]}
+    if not rule.is_plain:
+        extra.update({"lorad.rank_rule": rule.describe(settings.max_rank),
+                      **({"lorad.serve": rule.serve} if rule.serve else {})})
+    return writer.provenance_keys(sha256, settings.method, _param(settings), extra)
 
 
 def _largest_spectra(spectra: dict[str, torch.Tensor], reports: dict[str, ModuleReport],
