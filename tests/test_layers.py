@@ -74,6 +74,8 @@ def imports_in(source: str, module: str) -> set[str]:
                 # `from lorad.library import folders` names a module; `from lorad.x import f` a name
                 found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in SOURCES else node.module
                           for a in node.names}  # fmt: skip
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in SOURCES:
+            found.add(node.value)  # a module run by name (`python -m lorad.x`) is a dependency too
     return {_target(name) for name in found} - {module}
 
 
@@ -100,11 +102,12 @@ def test_a_module_imports_only_its_layer_and_the_ones_below(module):
 
 def test_the_check_sees_an_upward_import():
     """The rule above fails on what it is meant to catch: an engine module importing the library,
-    even for type checking only, even inside a function."""
+    even for type checking only, even inside a function, or running a daemon module by name."""
     source = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from lorad.library.store import Store\n"
-              "def f():\n    from lorad.daemon import worker\n")  # fmt: skip
+              "def f():\n    from lorad.daemon import worker\n"
+              "CHILD = [sys.executable, '-m', 'lorad.daemon._reduce_child']\n")  # fmt: skip
     found = imports_in(source, "lorad.engine.probe")
-    assert found == {"lorad.library.store", "lorad.daemon.worker"}
+    assert found == {"lorad.library.store", "lorad.daemon.worker", "lorad.daemon._reduce_child"}
     assert all(RANK[layer_of(m)] > RANK["engine"] for m in found)
 
 

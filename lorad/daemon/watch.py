@@ -59,6 +59,7 @@ from watchdog.observers.polling import PollingObserver
 
 from lorad._atomic import is_temp_name
 from lorad.daemon.config import WatchDir
+from lorad.daemon.folder_check import open_lora_refusal
 from lorad.errors import LoradError, TransientError
 from lorad.library import adapter_folder
 from lorad.library.refusals import FAILED, INCOMPLETE, Refusal, examine, refusal_of
@@ -423,7 +424,7 @@ def examine_candidate(path: Path, roots: Sequence[Path] = (),
     if is_adapter_candidate(path):
         verdict = adapter_folder.refusal(path, roots)
         if verdict is None and not stored(path):
-            verdict = adapter_folder.open_lora_refusal(path)
+            verdict = open_lora_refusal(path)
         return verdict
     return examine(path, roots)
 

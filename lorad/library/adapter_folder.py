@@ -6,8 +6,8 @@ A folder is taken only when all of these hold (`check`, torch-free, cheap enough
   - no download marker (.part, .crdownload, .aria2, .incomplete, .tmp) lies in it;
   - adapter_config.json parses and is a LORA config; adapter_model.safetensors' header is complete;
   - every LoRA module's rank as PEFT will build it (rank_pattern, else r) is its tensors' rank.
-Then, once, `open_lora_refusal` runs lorad.engine.formats.lora.open_lora on it in a short-lived process
-(the daemon itself never imports torch) and refuses what that refuses.
+Then, once, the daemon runs lorad.engine.formats.lora.open_lora on it in a short-lived process
+(lorad.daemon.folder_check: the daemon itself never imports torch) and refuses what that refuses.
 
 A folder copied file by file (config first or weights first) fails one of these until the copy is
 done, and is refused as incomplete meanwhile, which the watcher looks at again when it changes.
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,14 +25,13 @@ from lorad.engine.formats.keys import group_keys
 from lorad.engine.formats.safetensors_file import read_header
 from lorad.engine.formats.scales import config_path, peft_rank
 from lorad.errors import FormatError, IncompleteError, PickleError
-from lorad.library.refusals import INCOMPLETE, INVALID, Refusal, leads_outside, refusal_of
+from lorad.library.refusals import INVALID, Refusal, leads_outside, refusal_of
 from lorad.library.trees import entries_of
 
 CONFIG = "adapter_config.json"  # lorad.engine.formats.lora.PEFT_CONFIG (that module loads torch)
 WEIGHTS = "adapter_model.safetensors"
 PEFT_NAMES = (CONFIG, WEIGHTS)
 PARTIAL_SUFFIXES = (".part", ".crdownload", ".aria2", ".incomplete", ".tmp")
-CHECK_TIMEOUT = 600.0
 MAX_CONFIG_BYTES = 1 << 20
 
 
@@ -119,24 +116,3 @@ def refusal(folder: Path, roots: Sequence[Path] = ()) -> Refusal | str | None:
     except (FormatError, OSError) as e:
         return refusal_of(e, folder)
     return None
-
-
-def open_lora_refusal(folder: Path, nice: int = 10) -> Refusal | None:
-    """Run lorad.engine.formats.lora.open_lora on the folder in a short-lived process (torch stays out of
-    the daemon); its refusal, or None."""
-    argv = [sys.executable, "-m", "lorad.daemon._reduce_child", "--check-folder", str(folder), "--nice", str(nice)]
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=CHECK_TIMEOUT, check=False)
-    except subprocess.TimeoutExpired:
-        return Refusal(INCOMPLETE, f"reading it took over {CHECK_TIMEOUT:.0f}s; waiting for it to change")
-    lines = done.stdout.strip().splitlines()
-    try:
-        verdict = json.loads(lines[-1]) if lines else None
-    except json.JSONDecodeError:
-        verdict = None
-    if not isinstance(verdict, dict):
-        # The check itself failed to run (no room to start a process...): look again later.
-        return Refusal(INCOMPLETE, f"could not be read (status {done.returncode}): {done.stderr.strip()[-300:]}")
-    if verdict.get("ok"):
-        return None
-    return Refusal(INVALID, str(verdict.get("message", "refused by open_lora")))
