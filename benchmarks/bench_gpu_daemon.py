@@ -304,7 +304,7 @@ def run_daemon(gpu: Gpu, src: Path, tmp: Path, timeout: float) -> dict[str, Any]
         job_done = next((e for e in events if e.get("event") == "job done"), {})
         result.update({
             "engine_device": job_done.get("device"),
-            "decision": {k: job_done.get(k) for k in ("activate", "saving", "fro_retained", "reason")},
+            "decision": {k: job_done.get(k) for k in ("activate", "saving", "fro_retained_file", "reason")},
             "breakdown_seconds": {
                 "drop_to_settled": round(settled - dropped, 2) if settled else None,
                 "settled_to_job_start (ingest: hash + store 0.9 GB)": round(started - settled, 2) if settled and started else None,

@@ -31,6 +31,12 @@ def to_column(text: str) -> str:
     """`os.fsdecode` text -> what the database stores (valid UTF-8 whatever the file name)."""
     if not text.startswith(ESCAPED_PREFIX) and _is_utf8(text):
         return text
+    return escaped_column(text)
+
+
+def escaped_column(text: str) -> str:
+    """`text` in the escaped form `to_column` gives a name that is not UTF-8 (whatever `text` is):
+    what a stored path beginning with `text` begins with, when it is stored escaped."""
     out = []
     for ch in text:
         if ch == "\\":

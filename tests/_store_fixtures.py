@@ -118,7 +118,8 @@ def run_child(args: list[str], crash_at: str | None = None, fsize_limit: int | N
 
 
 def _child(argv: list[str]) -> int:
-    """OP STATE_DIR ROOT PATH [VARIANT] [--db=URL]: run one library operation; print a JSON outcome."""
+    """OP STATE_DIR ROOT PATH [VARIANT] [--db=URL] [--mirror=DIR]: run one library operation (with
+    --mirror, ROOT in mirror mode); print a JSON outcome."""
     limit = os.environ.get("LORAD_TEST_FSIZE")
     if limit:
         # Writes past the limit then fail with EFBIG, as a full disk fails with ENOSPC.
@@ -128,8 +129,10 @@ def _child(argv: list[str]) -> int:
     from lorad.library.library import Library
 
     url = next((a.removeprefix("--db=") for a in argv if a.startswith("--db=")), None)
-    op, state_dir, root, path, *rest = [a for a in argv if not a.startswith("--db=")]
-    lib = Library(Path(state_dir), [Path(root)], database_url=url, link_mode="copy", migrate_on_open=False)
+    mirror = next((a.removeprefix("--mirror=") for a in argv if a.startswith("--mirror=")), None)
+    op, state_dir, root, path, *rest = [a for a in argv if not a.startswith(("--db=", "--mirror="))]
+    lib = Library(Path(state_dir), [Path(root)], database_url=url, link_mode="copy", migrate_on_open=False,
+                  mirrors={Path(root): Path(mirror)} if mirror else None)  # fmt: skip
     try:
         if op == "ingest":
             lib.ingest(path, actor="test-child")

@@ -74,7 +74,7 @@ def test_drops_are_reduced_activated_and_survive_a_restart(rig: tuple[Path, Daem
         variant = active(lora)
         original = next(v for v in lora["variants"] if v["kind"] == "original")
         assert original["sha256"] == original_sha
-        assert variant["method"] == "rank" and variant["param"] == 2 and variant["fro_retained"] > 0.9
+        assert variant["method"] == "rank" and variant["param"] == 2 and variant["fro_retained_file"] > 0.9
         assert sha_of(path) == variant["sha256"] != original_sha  # the file at the path is the variant
         assert variant["bytes"] == path.stat().st_size < original["bytes"]
     shown = cli_json(config, "show", str(slow))
@@ -201,6 +201,28 @@ def test_sigterm_and_sigkill_mid_job(rig: tuple[Path, Daemon]) -> None:
     assert [v["kind"] for v in lora["variants"]] == ["original", "reduced"]  # no duplicate variant
     assert sha_of(second) == active(lora)["sha256"]
     assert cli_json(config, "verify")["ok"] is True
+
+
+def test_files_are_ingested_while_a_long_reduction_runs(rig: tuple[Path, Daemon]) -> None:
+    """Ingest (hashing and storing new files) does not wait for the running reduction, and the
+    queued jobs are then served back to back by the same reduction process."""
+    tmp, daemon = rig
+    config, loras = daemon.config, tmp / "loras"
+    daemon.env[MODULE_DELAY_ENV] = "0.05"  # 200 modules: a job of 10 s at least
+    daemon.start()
+    long = make_lora(loras / "long.safetensors", seed=21, modules=200, dim=64, rank=16)
+    wait_for(lambda: cli_json(config, "status")["running"], 120, 0.1, "the long job to run")
+    small = [make_lora(loras / f"small-{n}.safetensors", seed=30 + n) for n in range(5)]
+    ingested = wait_for(lambda: len([x for x in cli_json(config, "list") if x["id"] is not None]) == 6
+                        and cli_json(config, "status"), 120, 0.1, "the small files to be ingested")  # fmt: skip
+    [running] = ingested["running"]
+    assert running["path"] == str(long)  # still the long job: the five did not wait for it
+    assert ingested["queue"]["pending"] == 5
+    reduced_everywhere_now = wait_for(lambda: reduced_everywhere(config, [long, *small]), 300, 0.3, "all six reduced")
+    assert len(reduced_everywhere_now) == 6
+    started = [json.loads(x) for x in daemon.log_path.read_text().splitlines()
+               if '"reduction process started"' in x]  # fmt: skip
+    assert len(started) == 1  # one process served all six jobs
 
 
 def test_embedded_default_config_bad_configs_and_a_second_daemon(tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
 """Crash safety for adapter folders: a child process running a library operation on a PEFT folder
 is SIGKILLed at each named step (LORAD_TEST_CRASH_AT), with renameat2(RENAME_EXCHANGE) and with
-the two-rename fallback. Afterwards the watched folder holds the old tree or the new one, whole
-(or, in the fallback's one unbound instant, no folder, which the next reconcile puts back); the
-stored trees are intact; `verify` brings the records to the disk; the request asked again works;
-gc keeps every file a kept tree names."""
+the two-rename fallback. Afterwards the watched folder (in mirror mode: its mirror, the watched
+folder byte for byte untouched) holds the old tree or the new one, whole (or, in the fallback's one
+unbound instant, no folder, which the next reconcile puts back); the stored trees are intact;
+`verify` brings the records to the disk; the request asked again works; gc keeps every file a kept
+tree names."""
 
 from __future__ import annotations
 
@@ -39,9 +40,19 @@ class World:
     r2: int
     trees: dict[int, dict[str, str]]  # variant id -> the folder's files (name -> sha256)
     tree_sha: dict[int, str]
+    mirror_root: Path | None = None  # mirror mode: where the active variant's folder is
 
     def open(self) -> Library:
-        return Library(self.state, [self.root], link_mode="copy")
+        return Library(self.state, [self.root], link_mode="copy", mirrors=self.mirrors)
+
+    @property
+    def mirrors(self) -> dict[Path, Path] | None:
+        return {self.root: self.mirror_root} if self.mirror_root else None
+
+    @property
+    def shown(self) -> Path:
+        """The folder that holds the active variant."""
+        return self.mirror_root / self.path.relative_to(self.root) if self.mirror_root else self.path
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +63,11 @@ def reductions(tmp_path_factory) -> dict[int, Report]:
     return {rank: reduce_with_engine(src, work / f"r{rank}", rank) for rank in (4, 2)}
 
 
-def _world(tmp_path: Path, active: str, reductions: dict[int, Report]) -> World:
+def _world(tmp_path: Path, active: str, reductions: dict[int, Report], mirrored: bool = False) -> World:
     root = tmp_path / "adapters"
     path = make_adapter(root / "chat")
-    with Library(tmp_path / "state", [root], link_mode="copy") as lib:
+    mirror_root = tmp_path / "mirror" if mirrored else None
+    with Library(tmp_path / "state", [root], link_mode="copy", mirrors={root: mirror_root} if mirror_root else None) as lib:
         ids = {"original": lib.ingest(path).original.id}
         found = {"original": tree_of(path)}
         for rank, report in reductions.items():
@@ -65,12 +77,13 @@ def _world(tmp_path: Path, active: str, reductions: dict[int, Report]) -> World:
             lib.activate(path, ids[active])
         shas = {v.id: v.blob_sha256 for v in lib.lora(path).variants}
     files = {ids[k]: found[k] for k in ids}
-    return World(tmp_path / "state", root, path, ids["original"], ids["r4"], ids["r2"], files, shas)
+    return World(tmp_path / "state", root, path, ids["original"], ids["r4"], ids["r2"], files, shas, mirror_root)
 
 
 def assert_folders_consistent(lib: Library) -> None:
-    """Every folder LoRA's folder holds its active tree; every stored blob and tree is intact;
-    nothing of an interrupted swap is left beside it or in the swap area."""
+    """Every folder LoRA's folder (in mirror mode: its mirror, the watched folder holding the
+    original) holds its active tree; every stored blob and tree is intact; nothing of an
+    interrupted swap is left beside it or in the swap area."""
     variants = {v["id"]: v for v in table(lib, "variants")}
     for blob in table(lib, "blobs"):
         assert lib.store.is_intact(blob["sha256"])
@@ -79,6 +92,10 @@ def assert_folders_consistent(lib: Library) -> None:
             assert all(lib.store.is_intact(e.sha256) for e in entries)
     for lora in table(lib, "loras"):
         path = Path(lora["path"])
+        mirror = lib.mirrors.get(Path(lora["folder"]))
+        if mirror is not None:
+            assert trees.hash_folder(path)[0] == variants[lora["original_variant_id"]]["blob_sha256"], path
+            path = mirror / path.relative_to(lora["folder"])
         assert trees.hash_folder(path)[0] == variants[lora["active_variant_id"]]["blob_sha256"], path
         assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
     assert list(lib.swap_area.iterdir()) == []
@@ -96,21 +113,24 @@ CASES = [(point, False) for point in BEFORE_SWAP + AFTER_EXCHANGE] + [
 
 @pytest.mark.parametrize(("point", "fallback"), CASES, ids=[f"{p}{'-renames' if f else ''}" for p, f in CASES])
 @pytest.mark.parametrize("op", list(PUTS))
-def test_killed_during_a_folder_put_leaves_a_whole_folder(tmp_path, reductions, monkeypatch, op, point, fallback):
+@pytest.mark.parametrize("mode", ["replace", "mirror"])
+def test_killed_during_a_folder_put_leaves_a_whole_folder(tmp_path, reductions, monkeypatch, mode, op, point, fallback):
     if fallback:
         monkeypatch.setenv(NO_EXCHANGE_ENV, "1")
     initially, args, final = PUTS[op]
-    w = _world(tmp_path, initially, reductions)
+    w = _world(tmp_path, initially, reductions, mirrored=mode == "mirror")
+    watched = tree_of(w.path)
     old = {"original": w.original, "r4": w.r4}[initially]
     new = final(w)
-    done = run_child([args(w)[0], str(w.state), str(w.root), str(w.path), *args(w)[1:]], crash_at=point)
+    mirror = [f"--mirror={w.mirror_root}"] if w.mirror_root else []
+    done = run_child([args(w)[0], str(w.state), str(w.root), str(w.path), *args(w)[1:], *mirror], crash_at=point)
     assert done.returncode == -signal.SIGKILL, f"{point} never reached: {done.stdout}{done.stderr}"
 
     swapped = point not in BEFORE_SWAP and point != UNBOUND
     if point == UNBOUND:
-        assert not os.path.lexists(w.path)  # no folder for an instant, never a mix of two
+        assert not os.path.lexists(w.shown)  # no folder for an instant, never a mix of two
     else:
-        assert tree_of(w.path) == w.trees[new if swapped else old]
+        assert tree_of(w.shown) == w.trees[new if swapped else old]
     with w.open() as lib:
         committed = point == "put:after-commit"
         last = {"activate": "activated", "revert": "reverted", "switch": "switched"}[op]
@@ -119,13 +139,15 @@ def test_killed_during_a_folder_put_leaves_a_whole_folder(tmp_path, reductions, 
         assert report.ok and report.corrupt == () and report.stray == (), report
         reconciled = [(r.from_variant, r.to_variant, r.new_original) for r in report.reconciled]
         assert reconciled == ([(old, new, False)] if swapped and not committed else [])
-        assert tree_of(w.path) == w.trees[new if swapped else old]
+        assert tree_of(w.shown) == w.trees[new if swapped else old]
         assert lib.lora(w.path).active_variant_id == (new if swapped else old)
         assert_folders_consistent(lib)
         # The interrupted request, asked again, completes.
         getattr(lib, op)(w.path, *([new] if op != "revert" else []))
-        assert tree_of(w.path) == w.trees[new] and lib.lora(w.path).active_variant_id == new
+        assert tree_of(w.shown) == w.trees[new] and lib.lora(w.path).active_variant_id == new
         assert_folders_consistent(lib)
+    if w.mirror_root:
+        assert tree_of(w.path) == watched  # the watched folder: never written
 
 
 @pytest.mark.parametrize("point", ["ingest:after-store", "ingest:after-commit"])

@@ -43,7 +43,7 @@ def test_upgrade_from_empty_then_downgrade_to_base(tmp_path):
     url = f"sqlite:///{db}"
     assert migrate.current(url) is None
     assert migrate.upgrade(url) is None  # nothing to back up: the database was empty
-    assert migrate.current(url) == migrate.head() == "0005"
+    assert migrate.current(url) == migrate.head() == "0006"
     assert _tables(db) == TABLES
     migrate.downgrade(url, "base")
     assert migrate.current(url) is None
@@ -81,8 +81,8 @@ def test_upgrade_backs_up_the_database_before_a_pending_migration(tmp_path):
             "VALUES ('/loras/a.safetensors', '/loras', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
         )
     backup = migrate.upgrade(url)
-    assert migrate.current(url) == "0005"
-    assert backup is not None and backup.parent == tmp_path and "0001-to-0005" in backup.name
+    assert migrate.current(url) == "0006"
+    assert backup is not None and backup.parent == tmp_path and "0001-to-0006" in backup.name
     with sqlite3.connect(backup) as conn:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
         assert conn.execute("SELECT path FROM loras").fetchall() == [("/loras/a.safetensors",)]

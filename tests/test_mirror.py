@@ -1,13 +1,16 @@
 """Mirror mode through the real daemon and CLI: the watched file's bytes never change (not on
 reduction, revert, switch, nor a SIGKILL mid-activation); the mirror holds the active variant
 and a copy of the sidecars; revert and switch change the mirror only; a deleted file's mirror
-goes; bad configs are refused at start."""
+goes as soon as the deletion is seen; an adapter folder is mirrored whole; bad configs are refused
+at start."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,9 +18,10 @@ from typing import Any
 import pytest
 
 from lorad.daemon.config import ConfigError, load_config
+from lorad.library import trees
 from lorad.library.store import CRASH_ENV
 from tests._daemon_fixtures import Daemon, cli, cli_json, make_lora, wait_for, write_config
-from tests._folder_fixtures import make_adapter, tree_of
+from tests._folder_fixtures import config_of, make_adapter, peft_deltas, tree_of
 
 
 def sha_of(path: Path) -> str:
@@ -52,8 +56,6 @@ def test_mirror_mode_never_touches_the_watched_file(rig: tuple[Path, Daemon]) ->
     sidecar.write_text(json.dumps({"sha256": sha_of(watched), "model_name": "ink"}))
     original_sha, sidecar_bytes = sha_of(watched), sidecar.read_bytes()
     mirror = tmp / "mirror" / "styles" / "ink.safetensors"
-    adapter = make_adapter(tmp / "kept" / "chat")  # not mirrored yet: refused, untouched
-    adapter_files = tree_of(adapter)
     daemon.start()
 
     lora = wait_for(lambda: (x := lora_at(config, watched)) and active(x)["kind"] == "reduced" and x,
@@ -64,10 +66,6 @@ def test_mirror_mode_never_touches_the_watched_file(rig: tuple[Path, Daemon]) ->
     assert sha_of(mirror) == reduced["sha256"] != original_sha
     assert mirror.with_name("ink.metadata.json").read_bytes() == sidecar_bytes  # copied beside it
     assert "mirrored to" in cli(config, "show", str(watched)).stdout
-    refused = wait_for(lambda: next((x["refused"] for x in cli_json(config, "list") if x["path"] == str(adapter)), None),
-                       60, 0.2, "the adapter folder refused")  # fmt: skip
-    assert "not mirrored yet" in refused["reason"] and tree_of(adapter) == adapter_files
-    assert not (tmp / "mirror" / "chat").exists()
 
     # revert and switch act on the mirror; either path names the LoRA.
     reverted = cli_json(config, "revert", str(mirror))
@@ -99,6 +97,65 @@ def test_mirror_mode_never_touches_the_watched_file(rig: tuple[Path, Daemon]) ->
     assert str(watched) in verified["missing_files"]
     assert not mirror.exists()
     assert lora_at(config, watched) is not None
+    assert daemon.stop() == 0
+
+
+def test_a_deleted_files_mirror_goes_when_the_deletion_is_seen(rig: tuple[Path, Daemon]) -> None:
+    tmp, daemon = rig
+    config = daemon.config
+    watched = make_lora(tmp / "kept" / "old" / "ink.safetensors", seed=5)
+    watched.with_name("ink.civitai.info").write_text("{}")
+    mirror = tmp / "mirror" / "old" / "ink.safetensors"
+    daemon.start()
+    reduced = wait_for(lambda: (x := lora_at(config, watched)) and active(x)["kind"] == "reduced" and active(x),
+                       120, 0.2, "the mirrored LoRA reduced")  # fmt: skip
+    wait_for(lambda: mirror.exists() and sha_of(mirror) == reduced["sha256"], 30, 0.1, "the mirror written")
+    assert mirror.with_name("ink.civitai.info").exists()
+    scans = sum(e.get("event") == "reconcile scan done" for e in daemon.log_events())
+
+    watched.unlink()
+    deleted = time.monotonic()
+    wait_for(lambda: not mirror.exists(), 10, 0.05, "the mirror removed")
+    assert time.monotonic() - deleted < 5
+    # reconcile_every is 1h: no scan ran meanwhile, so the deletion itself removed the mirror.
+    assert sum(e.get("event") == "reconcile scan done" for e in daemon.log_events()) == scans
+    assert mirror.with_name("ink.civitai.info").exists()  # sidecars there are the user's
+    assert lora_at(config, watched) is not None  # its records stay until gc
+    assert daemon.stop() == 0
+
+
+def test_an_adapter_folder_is_mirrored_whole(rig: tuple[Path, Daemon]) -> None:
+    """The watched folder keeps the original byte for byte; the folder at the same relative path
+    under mirror_to holds the active variant, loads with PEFT at the original's strength, and is
+    what revert and switch change; deleting the watched folder removes it."""
+    tmp, daemon = rig
+    config = daemon.config
+    adapter = make_adapter(tmp / "kept" / "chat")
+    files = tree_of(adapter)
+    mirror = tmp / "mirror" / "chat"
+    daemon.start()
+
+    lora = wait_for(lambda: (x := lora_at(config, adapter)) and active(x)["kind"] == "reduced" and x,
+                    120, 0.2, "the mirrored adapter folder reduced")  # fmt: skip
+    reduced = active(lora)
+    [original] = [v for v in lora["variants"] if v["kind"] == "original"]
+    assert lora["kind"] == "folder" and lora["mirror"] == str(mirror)
+    assert tree_of(adapter) == files
+    assert trees.hash_folder(mirror)[0] == reduced["sha256"] != original["sha256"]
+    assert config_of(mirror)["r"] == 2 and config_of(adapter)["r"] == 8
+    want, got = peft_deltas(adapter), peft_deltas(mirror)
+    assert max(float((got[n] - want[n]).abs().max()) for n in want) < 1e-4  # rank 2 is exact here
+
+    reverted = cli_json(config, "revert", str(mirror))
+    assert active(reverted)["kind"] == "original" and tree_of(mirror) == files
+    cli(config, "switch", str(adapter), str(reduced["id"]))
+    assert trees.hash_folder(mirror)[0] == reduced["sha256"] and tree_of(adapter) == files
+    assert sorted(p.name for p in mirror.parent.iterdir()) == ["chat"]  # nothing of the swaps left
+    assert cli_json(config, "verify")["ok"]
+
+    shutil.rmtree(adapter)
+    wait_for(lambda: not mirror.exists(), 10, 0.05, "the mirror folder removed")
+    assert lora_at(config, adapter) is not None  # its records stay until gc
     assert daemon.stop() == 0
 
 

@@ -47,6 +47,8 @@ def test_idle_daemon_holds_no_torch_and_no_child_and_show_names_the_refusing_set
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
     config = write_config(tmp_path)
+    with open(config, "a") as f:
+        f.write("idle_exit: 1s\n")  # the reduction process exits 1 s after its last job
     daemon = Daemon(config, tmp_path / "daemon.log", env=lorad_env(**{MODULE_DELAY_ENV: "0.05"}))
     daemons.append(daemon.start())
     pid = daemon.proc.pid

@@ -17,6 +17,7 @@ from lorad.engine._job import FAKE_OOM_ENV, Job
 from lorad.engine.engine import ReduceSettings, reduce_file
 from lorad.engine.formats import detect, encode, writer
 from lorad.engine.formats.lora import open_lora
+from lorad.engine.formats.safetensors_file import read_header
 from lorad.errors import ReduceError
 from tests import lora_factory as lf
 
@@ -32,7 +33,7 @@ def _reduce_with(src: Path, enc: encode.Encoding):
 def _write_checked(source, outputs, enc, dst: Path, reports) -> None:
     provenance = writer.provenance_keys("0" * 64, "fro", 0.9, {})
     writer.write_lora(source, outputs, enc, dst, provenance,
-                      lambda p: readback.check_written(source, p, reports, outputs, enc))
+                      lambda p, data: readback.check_written(source, p, reports, outputs, enc, data))
 
 
 def test_the_0_1_encoding_of_diffusers_files_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
@@ -71,9 +72,9 @@ def test_a_peft_config_that_states_other_ranks_is_refused(tmp_path: Path) -> Non
     reports, outputs = Job(source, FRO, torch.device("cpu"), enc, None, None, []).reduce()
     stale = replace(source, peft_config={**source.peft_config, "r": 8, "rank_pattern": {}})
 
-    def write_stale_config(tmp: Path) -> None:
+    def write_stale_config(tmp: Path, data) -> None:
         (tmp / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8, "lora_alpha": 16}')
-        readback.check_written(stale, tmp, reports, outputs, enc)
+        readback.check_written(stale, tmp, reports, outputs, enc, data)
 
     provenance = writer.provenance_keys("0" * 64, "fro", 0.9, {})
     with pytest.raises(ReduceError, match="its config says rank 8, its tensors have"):
@@ -82,6 +83,46 @@ def test_a_peft_config_that_states_other_ranks_is_refused(tmp_path: Path) -> Non
 
 
 SAME_SHAPES = [(f"lora_unet_block_{i}_attn_to_q", 64, 64, 16, ()) for i in range(4)]
+
+
+def test_a_written_tensor_that_is_not_the_computed_one_is_refused(tmp_path: Path) -> None:
+    """The writer puts module 0's up factor under module 1's key (same shape, so the file still
+    opens as a LoRA): the check finds the bytes the header locates are not what was computed."""
+    src = lf.kohya_file(tmp_path / "k.safetensors", SAME_SHAPES)
+    source = open_lora(src)
+    enc = encode.choose_encoding(source, 4)
+    reports, outputs = Job(source, ReduceSettings("rank", 4), torch.device("cpu"), enc, None, None, []).reduce()
+    first, second = list(outputs)[:2]
+    mixed_up = dict(outputs, **{second: replace(outputs[second], up=outputs[first].up)})
+    provenance = writer.provenance_keys("0" * 64, "rank", 4, {})
+    with pytest.raises(ReduceError, match=f"{second}: the file holds other factors than were computed"):
+        writer.write_lora(source, mixed_up, enc, tmp_path / "o.safetensors", provenance,
+                          lambda p, data: readback.check_written(source, p, reports, outputs, enc, data))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.safetensors"]
+
+
+def test_bytes_on_disk_that_differ_from_what_was_written_are_refused(tmp_path: Path) -> None:
+    """The data is checked in memory, but what a loader reads is the disk: a tensor changed on
+    disk after the write is caught."""
+    src = lf.kohya_file(tmp_path / "k.safetensors", SAME_SHAPES)
+    enc = encode.choose_encoding(open_lora(src), 16)
+    source, reports, outputs = _reduce_with(src, enc)
+    victim = f"{SAME_SHAPES[2][0]}.lora_up.weight"
+
+    def change_on_disk_then_check(tmp: Path, data) -> None:
+        header = read_header(tmp)
+        at = header.data_offset + header.tensors[victim].start
+        with open(tmp, "r+b") as f:
+            f.seek(at)
+            flipped = bytes(255 - x for x in f.read(8))
+            f.seek(at)
+            f.write(flipped)
+        readback.check_written(source, tmp, reports, outputs, enc, data)
+
+    provenance = writer.provenance_keys("0" * 64, "fro", 0.9, {})
+    with pytest.raises(ReduceError, match=f"{SAME_SHAPES[2][0]}: the file on disk holds other factors"):
+        writer.write_lora(source, outputs, enc, tmp_path / "o.safetensors", provenance, change_on_disk_then_check)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.safetensors"]
 
 
 def test_out_of_memory_halves_the_batch_and_changes_nothing(tmp_path: Path, monkeypatch) -> None:

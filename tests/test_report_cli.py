@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from blake3 import blake3
+from safetensors.torch import save_file
 
 from lorad.sizes import human_bytes
 from tests._browser import chromium, console_errors
@@ -106,7 +108,7 @@ def test_lorad_report_of_a_lora_and_of_the_library(rig, browser):
     assert orig["servers"] == ["vllm", "lorax", "diffusers-hotswap"] and active["servers"] == ["diffusers-hotswap"]
     assert active["decision"]["activate"] is True and refused["decision"]["activate"] is False
     assert "min_fro_retained" in refused["decision"]["reason"] and orig["decision"] is None
-    assert 0.9 < active["fro_retained"] < 1 and refused["fro_retained"] < 0.99
+    assert 0.9 < active["fro_retained_file"] < 1 and refused["fro_retained_file"] < 0.99
     assert doc["shown_variant_id"] == active["id"]
     assert [(m["rank_in"], m["rank_out"]) for m in doc["modules"]] == [(8, 2)] * 3
     assert len(doc["spectra"]) == 3 and all(len(s["values"]) == 8 and s["cut"] == 2 for s in doc["spectra"])
@@ -120,7 +122,7 @@ def test_lorad_report_of_a_lora_and_of_the_library(rig, browser):
     assert browser.find_element("id", "card-original").text.split("\n")[1] == human_bytes(orig["bytes"])
     assert browser.find_element("id", "card-active").text.split("\n")[1] == human_bytes(active["bytes"])
     assert browser.find_element("id", "card-saved").text.split("\n")[1] == f"{1 - active['bytes'] / orig['bytes']:.1%}"
-    assert f"{active['fro_retained']:.4f}" in text_of(browser, "card-fro")
+    assert f"{active['fro_retained_file']:.4f}" in text_of(browser, "card-fro")
     for v in (active, refused):
         decided = text_of(browser, f"decision-{v['id']}")
         assert v["decision"]["reason"] in decided and f"{v['decision']['saving']:.1%}" in decided
@@ -165,7 +167,7 @@ def test_lorad_report_of_a_lora_and_of_the_library(rig, browser):
         x, row = rows[str(p)], cells[str(p)]
         assert row[0] == str(x["id"]) and row[1] == str(p.relative_to(loras)) and row[3] == "rank 2"
         assert (row[4], row[5]) == (human_bytes(x["bytes_original"]), human_bytes(x["bytes_active"]))
-        assert row[8] == f"{x['fro_retained']:.4f}"
+        assert row[8] == f"{x['fro_retained_file']:.4f}"
     assert cells[str(pipe)][9] == f"refused: {rows[str(pipe)]['refused']}"
 
     # -- what cannot be reported --------------------------------------------------------------
@@ -174,3 +176,68 @@ def test_lorad_report_of_a_lora_and_of_the_library(rig, browser):
     neither = report(config, out)
     assert neither.returncode == 2 and "give a LoRA" in neither.stderr
     assert sorted(p.name for p in out.iterdir()) == ["a.report.html", "library.html"]
+
+
+def uneven_lora(path: Path, rank: int = 8, dim: int = 32) -> Path:
+    """A kohya LoRA (scale 1) with one strong module of rank 2 and two weak ones with a flat
+    spectrum: at rank 2 the strong one keeps all of its norm and the weak ones half of theirs, so
+    the module mean (0.667) is far from the whole file's energy-weighted ratio (0.996)."""
+    gen = torch.Generator().manual_seed(3)
+    tensors = {}
+    for i, (size, true_rank) in enumerate([(30.0, 2), (1.0, rank), (1.0, rank)]):
+        qb, _ = torch.linalg.qr(torch.randn(dim, rank, generator=gen))
+        qa, _ = torch.linalg.qr(torch.randn(dim, rank, generator=gen))
+        s = torch.zeros(rank)
+        s[:true_rank] = size
+        name = f"lora_unet_mid_block_attentions_0_proj_{i}"
+        tensors[f"{name}.lora_up.weight"] = (qb * s).contiguous()
+        tensors[f"{name}.lora_down.weight"] = qa.T.contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(float(rank))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"ss_network_dim": str(rank)})
+    return path
+
+
+def test_one_file_level_figure_in_list_show_decision_and_report(rig, browser):
+    tmp, daemon = rig
+    config = daemon.config
+    path = uneven_lora(tmp / "loras" / "uneven.safetensors")
+    daemon.start()
+    listed = wait_for(lambda: next((x for x in cli_json(config, "list") if x["path"] == str(path)
+                                    and x["active_variant"] != x["original_variant"]), None),
+                      90, 0.2, "the LoRA reduced")  # fmt: skip
+    [variant] = [v for v in listed["variants"] if v["active"]]
+    figure = variant["fro_retained_file"]
+    expected = ((2 * 900 + 2 * 2) / (2 * 900 + 2 * 8)) ** 0.5  # energies kept / energies, per module
+    assert figure == pytest.approx(expected, abs=1e-4)
+    assert variant["fro_retained_mean"] == pytest.approx((1 + 0.5 + 0.5) / 3, abs=1e-4)
+    assert variant["fro_retained_min"] == pytest.approx(0.5, abs=1e-4)
+
+    shown = cli_json(config, "show", str(path))
+    assert next(v for v in shown["variants"] if v["active"])["fro_retained_file"] == figure
+    [decided] = [e for e in shown["events"] if e["kind"] == "decided"]
+    assert decided["variant"] == variant["id"] and decided["detail"]["fro_retained_file"] == figure
+    assert f"keeps {figure:.4f} of the file's Frobenius norm" in decided["detail"]["reason"]
+    table = cli(config, "show", str(path)).stdout
+    assert "FRO_RETAINED_FILE" in table and f"{figure:.4f}" in table
+    assert f"{variant['fro_retained_mean']:.4f}" not in table
+
+    out = tmp / "out"
+    out.mkdir()
+    run = report(config, out, str(path), "--json")
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)["doc"]
+    [documented] = [v for v in doc["variants"] if v["active"]]
+    assert documented["fro_retained_file"] == figure and documented["decision"]["fro_retained_file"] == figure
+    open_page(browser, out / "uneven.report.html")
+    card = text_of(browser, "card-fro")
+    assert f"{figure:.4f}" in card and f"module min {variant['fro_retained_min']:.4f}" in card
+    assert f"keeps {figure:.4f} of the file's Frobenius norm" in text_of(browser, f"decision-{variant['id']}")
+    row = browser.execute_script("return Array.from(document.querySelector('#variants tr[data-variant=\"' + arguments[0]"
+                                 " + '\"]').cells).map(c => c.textContent)", str(variant["id"]))  # fmt: skip
+    assert row[6] == f"{figure:.4f}" and row[7] == f"{variant['fro_retained_min']:.4f}"
+
+    run = report(config, out, "--all", "-o", "library.html", "--json")
+    assert run.returncode == 0, run.stderr
+    [entry] = [x for x in json.loads(run.stdout)["doc"]["loras"] if x["path"] == str(path)]
+    assert entry["fro_retained_file"] == figure

@@ -60,7 +60,7 @@ def variant(vid: int, path: Path, kind: str, active: bool, report: Any = None, d
         "method": report.method if report else None, "param": report.param if report else None,
         "bytes": path.stat().st_size, "sha256": h["sha256"], "autov2": h["autov2"], "autov3": h["autov3"],
         "blake3": None,
-        "fro_retained": report.fro_retained_file if report else None,
+        "fro_retained_file": report.fro_retained_file if report else None,
         "fro_retained_min": report.fro_retained_min if report else None,
         "created_at": created, "rank_rule": None, "serve": None, "servers": [],
         "decision": decision.to_json() if decision else None,
@@ -372,17 +372,17 @@ def library_doc(real: dict[str, Any]) -> dict[str, Any]:
     size = lambda p: p.stat().st_size  # noqa: E731
     loras = [
         {"id": 1, "path": f"{a}/{src.name}", "folder": a, "active_kind": "reduced", "method": "fro", "param": 0.9,
-         "bytes_original": size(src), "bytes_active": size(fro_out), "fro_retained": real["fro"].fro_retained_file,
+         "bytes_original": size(src), "bytes_active": size(fro_out), "fro_retained_file": real["fro"].fro_retained_file,
          "refused": None},
         {"id": 2, "path": f"{a}/style.safetensors", "folder": a, "active_kind": "reduced", "method": "rank", "param": 1.0,
-         "bytes_original": size(src), "bytes_active": size(rank_out), "fro_retained": real["rank1"].fro_retained_file,
+         "bytes_original": size(src), "bytes_active": size(rank_out), "fro_retained_file": real["rank1"].fro_retained_file,
          "refused": None},
         {"id": 10, "path": f"{b}/kept-as-is.safetensors", "folder": b, "active_kind": "original", "method": None,
-         "param": None, "bytes_original": size(fro_out), "bytes_active": size(fro_out), "fro_retained": None,
+         "param": None, "bytes_original": size(fro_out), "bytes_active": size(fro_out), "fro_retained_file": None,
          "refused": None},
         {"id": 3, "path": f"{b}/{HOSTILE_PATH.removeprefix('/loras/')}", "folder": b, "active_kind": "original",
          "method": None, "param": None, "bytes_original": size(rank_out), "bytes_active": size(rank_out),
-         "fro_retained": None, "refused": "not a regular file (a FIFO)", "extra": 1},
+         "fro_retained_file": None, "refused": "not a regular file (a FIFO)", "extra": 1},
     ]  # fmt: skip
     folders = []
     for f in (a, b):
@@ -432,7 +432,7 @@ def test_library_report_in_chromium(real: dict[str, Any], browser: Any, tmp_path
         assert r[1] == x["path"][len(x["folder"]) + 1 :] and r[2] == x["folder"]
         assert r[4] == human_bytes(x["bytes_original"]) and r[5] == human_bytes(x["bytes_active"])
         assert r[6] == human_bytes(x["bytes_original"] - x["bytes_active"])
-        assert r[8] == ("-" if x["fro_retained"] is None else f"{x['fro_retained']:.4f}")
+        assert r[8] == ("-" if x["fro_retained_file"] is None else f"{x['fro_retained_file']:.4f}")
     assert by_id["1"][3] == "fro 0.9" and by_id["2"][3] == "rank 1" and by_id["10"][3] == "original"
     assert by_id["3"][9] == "refused: not a regular file (a FIFO)"
 
@@ -450,10 +450,10 @@ def test_library_report_in_chromium(real: dict[str, Any], browser: Any, tmp_path
     assert [r[0] for r in rows()] == [str(x["id"]) for x in sorted(doc["loras"], key=lambda x: (-saved(x), x["path"]))]
     click("ID")
     assert [r[0] for r in rows()] == ["1", "2", "3", "10"]  # numerically, not "1", "10", "2"
-    click("FRO RETAINED")  # LoRAs without a value go last
+    click("FRO RETAINED (FILE)")  # LoRAs without a value go last
     fros = [r[8] for r in rows()]
     assert fros == sorted(fros[:2]) + ["-", "-"] and fros[0] < fros[1]
-    click("FRO RETAINED")
+    click("FRO RETAINED (FILE)")
     assert [r[8] for r in rows()] == [fros[1], fros[0], "-", "-"]
 
     # The filter hides rows that do not match.

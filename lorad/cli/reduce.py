@@ -214,7 +214,7 @@ def format_summary(report: Report, verbose: bool = False) -> str:
         lines.append(f"ranks    {ranks[0]}..{ranks[-1]}, median {ranks[len(ranks) // 2]} "
                      f"(from {Counter(m.rank_in for m in reduced).most_common(1)[0][0]})")
         lines.append(f"quality  fro retained {report.fro_retained_file:.4f} over the file (energy-weighted); "
-                     f"per module mean {report.fro_retained_mean:.4f}, min {report.fro_retained_min:.4f}; "
+                     f"module mean {report.fro_retained_mean:.4f}, module min {report.fro_retained_min:.4f}; "
                      f"rel error max {max(m.rel_error for m in reduced):.4f}")
     lines.extend(f"note     {n}" for n in report.notes)
     skipped = [m for m in report.modules if m.skipped]

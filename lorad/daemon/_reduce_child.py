@@ -1,22 +1,20 @@
-"""The reduction process: one job's engine run, in a process of its own that exits when it is done.
+"""The reduction process: the engine's runs, in a process of its own that serves jobs one after
+another and exits when its stdin ends (lorad.daemon.reduction decides when: after `idle_exit`).
 
-Why a process per job: a CUDA context, and the blocks torch's caching allocator keeps, go back to
-the driver only when the process that made them exits. The daemon itself never imports torch, so
-while it is idle it holds no GPU memory and no CUDA context, and a crash or a hang inside torch
-cannot take the daemon down with it.
-
-    python -m lorad.daemon._reduce_child --fd N --parent PID [--job ID]   (the spec as JSON on stdin)
+    python -m lorad.daemon._reduce_child --fd N --parent PID [--label L] [--nice N] [--threads N] [--io-idle]
+        (one job's spec as a JSON line on stdin, per job)
     python -m lorad.daemon._reduce_child --probe-device auto             (prints cpu or cuda)
     python -m lorad.daemon._reduce_child --check-folder DIR [--nice N]   (open_lora on an adapter folder;
                                                                    prints {"ok": ...} as JSON)
 
 The child first makes itself polite (niceness, idle I/O class, a bounded number of torch threads),
-before any thread exists, so every thread torch starts later inherits it. It then runs the engine
-on the stored original, writes the output file where the spec says, and reports on descriptor N
-as JSON lines: one `started`, any number of `progress`, then exactly one `report` or `error`.
-An adapter folder's original is a tree in the store (lorad.library.trees): the spec's `tree` lists its
-entries, which the child copies out of the store into `src` (a folder in the work area, each
-blob's bytes checked on the way) before the engine reduces that folder into the folder `dst`.
+before any thread exists, so every thread torch starts later inherits it, and says `started` on
+descriptor N. For each spec it runs the engine on the stored original, writes the output file where
+the spec says, and reports as JSON lines: any number of `progress`, then exactly one `report` or
+`error`; then it gives back what the job left in torch's caches and the C heap before waiting for
+the next. An adapter folder's original is a tree in the store (lorad.library.trees): the spec's
+`tree` lists its entries, which the child copies out of the store into `src` (a folder in the work
+area, each blob's bytes checked on the way) before the engine reduces that folder into `dst`.
 The parent (lorad.daemon.worker) records the variant and applies the policy; the child touches no
 database and no watched folder.
 """
@@ -26,6 +24,7 @@ from __future__ import annotations
 import argparse
 import base64
 import ctypes
+import gc
 import json
 import os
 import pickle
@@ -131,16 +130,24 @@ def _classify(error: BaseException) -> str:
     return "transient"
 
 
-def run(spec: dict[str, Any], channel: _Channel) -> None:
-    applied = lower_priority(int(spec.get("nice", 0)), bool(spec.get("io_idle", False)))
+def serve(args: argparse.Namespace, channel: _Channel) -> None:
+    applied = lower_priority(args.nice, args.io_idle)
     import torch
 
-    threads = int(spec.get("threads") or 0)
-    if threads > 0:
-        torch.set_num_threads(threads)
-    channel.send("started", pid=os.getpid(), threads=torch.get_num_threads(), device=spec["settings"]["device"],
-                 **applied)  # fmt: skip
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    from lorad.engine import engine  # noqa: F401 - imported once, before the first job's clock starts
 
+    # Everything imported so far lives as long as the process: out of the collector's sight, a
+    # collection costs a job's tensors, not torch's 50 ms worth of module objects.
+    gc.freeze()
+    channel.send("started", pid=os.getpid(), threads=torch.get_num_threads(), **applied)
+    for line in sys.stdin:
+        run(json.loads(line), channel)
+        _release_memory(torch)
+
+
+def run(spec: dict[str, Any], channel: _Channel) -> None:
     from lorad.engine.engine import ReduceSettings, reduce_file
 
     delay = float(os.environ.get(MODULE_DELAY_ENV) or 0)
@@ -161,6 +168,18 @@ def run(spec: dict[str, Any], channel: _Channel) -> None:
         channel.send("error", type=type(e).__name__, message=str(e), kind=kind)
         return
     channel.send("report", report=encode_report(report))
+
+
+def _release_memory(torch: Any) -> None:
+    """What a finished job leaves behind, given back before the process waits for the next: the
+    blocks torch's CUDA allocator caches, and freed C heap that glibc would otherwise keep (the
+    job's tensors themselves are freed by reference counting as its frames return)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass  # not glibc
 
 
 def _materialize_tree(tree: dict[str, Any], dest: str) -> None:
@@ -209,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lorad.daemon._reduce_child")
     ap.add_argument("--fd", type=int)
     ap.add_argument("--parent", type=int)
-    ap.add_argument("--job", default="?", help="for ps and logs only")
+    ap.add_argument("--label", default="?", help="for ps and logs only")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--io-idle", action="store_true")
     ap.add_argument("--probe-device")
     ap.add_argument("--check-folder")
     ap.add_argument("--nice", type=int, default=10)
@@ -225,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     # the whole group must not cut a reduction the daemon means to finish within its grace.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    spec = json.load(sys.stdin)
-    run(spec, _Channel(args.fd))
+    serve(args, _Channel(args.fd))
     return 0
 
 

@@ -148,6 +148,9 @@ class Config:
     cpu_threads: int = field(default_factory=default_cpu_threads)  # torch threads per reduction
     nice: int = 10  # the reduction process's niceness (raised to this, never lowered)
     io_idle: bool = True  # the reduction process reads and writes in the idle I/O class
+    # Seconds a reduction process waits for another job before it exits (0: after each job). While
+    # it lives it holds torch and, on a GPU, a CUDA context; starting one costs 1 to 2 s.
+    idle_exit: float = 30.0
     gpu_busy: GpuBusy | None = GpuBusy()  # None: start jobs whatever the GPU is doing
     source: str = "<embedded default>"
 
@@ -417,7 +420,8 @@ def _path(value: Any, at: _At, base: Path) -> Path:
 
 _TOP_KEYS = ("state_dir", "database", "socket", "device", "watch", "policies", "schedule",
              "settle_seconds", "poll_seconds", "workers", "lease_seconds", "max_attempts",
-             "operator_group", "cpu_threads", "nice", "io_idle", "gpu_busy", "database_busy_timeout")  # fmt: skip
+             "operator_group", "cpu_threads", "nice", "io_idle", "idle_exit", "gpu_busy",
+             "database_busy_timeout")  # fmt: skip
 _POLICY_KEYS = ("method", "param", "max_rank", "budget_mb", "kohya_compat", "min_saving",
                 "min_fro_retained", "activate", "keep_variants", "rank_multiple", "uniform", "serve")  # fmt: skip
 _WATCH_KEYS = ("path", "recursive", "policy", "poll", "mode", "mirror_to")
@@ -609,6 +613,7 @@ def _config(doc: Any, source: str, base: Path) -> Config:
         cpu_threads=_cpu_threads(doc.get("cpu_threads"), at("cpu_threads")),
         nice=_nice(doc.get("nice", 10), at("nice")),
         io_idle=_bool(doc.get("io_idle", True), at("io_idle")),
+        idle_exit=parse_duration(doc.get("idle_exit", 30.0), at("idle_exit")) or 0.0,
         gpu_busy=_gpu_busy(doc["gpu_busy"], at("gpu_busy")) if "gpu_busy" in doc else GpuBusy(),
         source=source,
     )

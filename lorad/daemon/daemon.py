@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,9 @@ from lorad.daemon.control import methods
 from lorad.daemon.control.protocol import Code, ControlError
 from lorad.daemon.control.server import Authorizer, ControlServer, claim_socket_path, group_id
 from lorad.daemon.queue import JobView, Queue
+from lorad.daemon.reduction import probe_device
 from lorad.daemon.watch import Signature, Watcher, signature
-from lorad.daemon.worker import Gate, Runner, Worker, gpu_probe, probe_device
+from lorad.daemon.worker import Gate, Runner, Worker, gpu_probe
 from lorad.errors import LoradError
 from lorad.log import get_logger
 from lorad.pathtext import shown
@@ -76,6 +77,7 @@ class Daemon:
         self.gate = Gate()
         self.device = "unknown"
         self.workers: list[Worker] = []
+        self.runner: Runner | None = None
         self.library: Any = None
         self.queue: Queue
         self.watcher: Watcher
@@ -118,12 +120,16 @@ class Daemon:
         self.device = resolve_device(cfg.device)
         self.watcher = Watcher(cfg.watch, cfg.settle_seconds, cfg.poll_seconds, self.on_settled,
                                ignore=self.known.is_known, stored=self.library.holds_folder, for_path=cfg.watch_for,
-                               on_refused=self.library.record_refusal, on_scanned=self.library.prune_refusals)  # fmt: skip
+                               on_refused=self.library.record_refusal, on_scanned=self.library.prune_refusals,
+                               on_gone=lambda path: self.library.gone(path, actor="watcher"))  # fmt: skip
         self.workers = self._make_workers()
         self.server = ControlServer(cfg.socket, methods.build(self), Authorizer(os.getuid(), group_id(cfg.operator_group)),
                                     group=group_id(cfg.operator_group))  # fmt: skip
         self.server.start()
+        self._pass_by_unchanged()
         self.watcher.start()
+        # Outside the reduction window no job may start, not even before the timers run.
+        self.gate.set_window(timers.in_window(cfg.schedule, datetime.now()))
         for w in self.workers:
             w.start()
         self._scheduler = timers.start(cfg.schedule, timers.Actions(
@@ -136,7 +142,7 @@ class Daemon:
     def _make_workers(self) -> list[Worker]:
         work_dir = self.config.state_dir / "work"
         _clear_dir(work_dir)  # partial outputs of a killed run; nothing refers to them
-        runner = Runner(self.library, self.config, work_dir, self.device, on_written=self.known.remember)
+        runner = self.runner = Runner(self.library, self.config, work_dir, self.device, on_written=self.known.remember)
         count = 1 if self.device.startswith("cuda") else self.config.workers
         if count != self.config.workers:
             log.info("one worker owns the GPU", configured=self.config.workers)
@@ -183,6 +189,8 @@ class Daemon:
             self.watcher.stop()
         for w in self.workers:
             w.stop(STOP_GRACE)
+        if self.runner is not None:
+            self.runner.close()
         if self.server is not None:
             self.server.stop()
         if self.library is not None:
@@ -217,6 +225,22 @@ class Daemon:
         policy = self.config.policies[watch.policy]
         view = self.ingest(path, watch.policy, actor="watcher", sig=sig)
         self.enqueue_original(view, policy)
+
+    def _pass_by_unchanged(self) -> None:
+        """The LoRA files whose recorded (device, inode, size, mtime) still holds are known as
+        lorad left them: the scan at start passes them by unread, and their jobs are made sure of
+        in one transaction (a policy changed while lorad was down, or a kill between ingest and
+        enqueue). Taking each in again cost a restart of 10,000 files minutes."""
+        unchanged = self.library.unchanged_files()
+        wanted = []
+        for f in unchanged:
+            self.known.remember(f.path, Signature(f.stat.st_size, f.stat.st_mtime_ns, f.stat.st_ino))
+            watch = self.config.watch_for(f.path)
+            if watch is not None and f.original_sha256 is not None:
+                policy = self.config.policies[watch.policy]
+                wanted.append((f.original_sha256, f.lora_id, policy.name, policy.hash))
+        queued = self.queue.enqueue_missing(wanted)
+        log.info("files unchanged since lorad last saw them", files=len(unchanged), jobs_queued=queued)
 
     def ingest(self, path: Path, policy: str, actor: str, sig: Signature | None = None) -> Any:
         sig = sig or signature(path)

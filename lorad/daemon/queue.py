@@ -16,7 +16,7 @@ content-addressed, so re-running a job whose lease expired is harmless.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -130,6 +130,30 @@ class Queue:
             # Another worker added this job between our look-up and our insert: possible under
             # PostgreSQL's READ COMMITTED (SQLite's BEGIN IMMEDIATE rules it out). It exists now.
             return self._find_or_add(*args)
+
+    def enqueue_missing(self, wanted: Iterable[tuple[str, int | None, str, str]], kind: str = "reduce") -> int:
+        """Add, in one transaction, the jobs among `wanted` (blob sha256, LoRA id, policy, policy
+        hash) that do not exist yet; how many were added. Existing ones are left as they are, as
+        `enqueue` leaves them (a failed job stays failed)."""
+        wanted = list(wanted)
+        if not wanted:
+            return 0
+        try:
+            return self._add_missing(wanted, kind)
+        except IntegrityError:  # another node added one of them meanwhile (PostgreSQL): look again
+            return self._add_missing(wanted, kind)
+
+    def _add_missing(self, wanted: list[tuple[str, int | None, str, str]], kind: str) -> int:
+        with self.db.write() as s:
+            have = set(s.execute(select(Job.blob_sha256, Job.policy_hash).where(Job.kind == kind)).tuples())
+            new: dict[tuple[str, str], Job] = {}
+            for sha, lora_id, policy, policy_hash in wanted:
+                if (sha, policy_hash) not in have and (sha, policy_hash) not in new:
+                    new[sha, policy_hash] = Job(kind=kind, blob_sha256=sha, lora_id=lora_id, policy=policy,
+                                                policy_hash=policy_hash, state=PENDING, attempts=0,
+                                                max_attempts=self.max_attempts)  # fmt: skip
+            s.add_all(new.values())
+        return len(new)
 
     def _find_or_add(
         self, blob_sha256: str, lora_id: int | None, policy: str, policy_hash: str, kind: str,

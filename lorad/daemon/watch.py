@@ -26,7 +26,13 @@ Taking a file in (`on_settled`) may fail for a while (the database is locked, th
 a TransientError): the file is tried again with backoff, not dropped until the next scan.
 A reconcile scan runs at start, after an inotify overflow, when an observer thread died, and on
 request (the schedule, `lorad rescan`). Folders on network filesystems are polled. The caller's
-`ignore(path, signature)` keeps lorad from reacting to its own writes.
+`ignore(path, signature)` keeps lorad from reacting to its own writes; a scan passes such files by
+unread (at start the daemon fills it from the records: a restart re-reads no unchanged file). The
+files a scan hands on are counted (`progress`: "ingesting 1,234 of 10,000" in `lorad status`, and
+in the log every PROGRESS_EVERY seconds).
+A path deleted or moved away is handed to `on_gone` by the settle thread (never the observer's: it
+may hash a mirror file), once it is seen to be still gone; in mirror mode the daemon then removes its
+mirror within a tick instead of at the next reconcile.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +79,10 @@ NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "g
                         "lustre", "gpfs", "beegfs", "sshfs", "davfs", "virtiofs"})  # fmt: skip
 RETRY_BASE = 1.0  # seconds before the first retry of a file whose taking-in failed transiently
 RETRY_CAP = 60.0
+PROGRESS_EVERY = 5.0  # seconds between the log lines of a scan's ingest
+# Test hook: seconds each settled file waits before it is taken in, so a test sees an ingest's
+# progress on any machine.
+INGEST_DELAY_ENV = "LORAD_TEST_INGEST_DELAY"
 
 log = get_logger("lorad.watch")
 
@@ -365,6 +375,56 @@ class Settler:
         return refusal
 
 
+class Progress:
+    """The files scans found that are not taken in yet: `lorad status` shows "ingesting 1,234 of
+    10,000", and the log says so every PROGRESS_EVERY seconds rather than once per file."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._left: set[Path] = set()
+        self._done = 0
+        self._started = self._said = 0.0
+        self._lock = threading.Lock()
+
+    def found(self, paths: Sequence[Path]) -> None:
+        with self._lock:
+            fresh = [p for p in paths if p not in self._left]
+            if not fresh:
+                return
+            if not self._left:
+                self._done, self._started = 0, self._clock()
+            self._left.update(fresh)
+            self._said = self._clock()
+            log.info("ingesting files a scan found", found=len(fresh), of=self._done + len(self._left))
+
+    def taken(self, path: Path) -> None:
+        """`path` was taken in, or refused: done either way."""
+        with self._lock:
+            if path not in self._left:
+                return
+            self._left.discard(path)
+            self._done += 1
+            if self._clock() - self._said >= PROGRESS_EVERY and self._left:
+                self._said = self._clock()
+                log.info("ingesting", done=self._done, of=self._done + len(self._left))
+            self._end_if_done()
+
+    def keep(self, waiting: Callable[[], Iterable[Path]]) -> None:
+        """Forget the paths no longer `waiting` to be taken in (gone, or lorad's own files)."""
+        with self._lock:
+            if self._left:
+                self._left &= set(waiting())
+                self._end_if_done()
+
+    def now(self) -> dict[str, int] | None:
+        with self._lock:
+            return {"done": self._done, "total": self._done + len(self._left)} if self._left else None
+
+    def _end_if_done(self) -> None:
+        if not self._left:
+            log.info("ingest done", files=self._done, seconds=round(self._clock() - self._started, 1))
+
+
 # ---------------------------------------------------------------------------------------------
 # Observers
 
@@ -408,6 +468,8 @@ class _Handler(FileSystemEventHandler):
         elif isinstance(event, DirDeletedEvent):
             watcher.forget(src)
         elif isinstance(event, (DirCreatedEvent, DirMovedEvent)):
+            if isinstance(event, DirMovedEvent) and event.src_path:
+                watcher.left(src)  # an adapter folder moved away is gone from where it was
             # Files can land in a new folder before its watch exists (watchdog#990): scan it.
             folder = Path(os.fsdecode(getattr(event, "dest_path", "") or event.src_path))
             # An adapter folder, or one named *.safetensors (refused, said once)...
@@ -460,9 +522,11 @@ class Watcher:
         for_path: Callable[[Path], WatchDir | None] | None = None,
         on_refused: Callable[[Path, Refusal], None] = lambda _p, _r: None,
         on_scanned: Callable[[set[Path]], None] = lambda _paths: None,
+        on_gone: Callable[[Path], None] = lambda _p: None,
     ) -> None:
         """on_refused: a file is refused (once per path and cause); on_scanned: a reconcile scan
-        found exactly these candidate paths (refusals of any other path are stale)."""
+        found exactly these candidate paths (refusals of any other path are stale); on_gone: a
+        path was deleted or moved away, and is still gone."""
         self.dirs = tuple(dirs)
         roots = tuple(Path(os.path.realpath(w.path)) for w in self.dirs)
         self.settler = Settler(settle_seconds, examine=lambda p: examine_candidate(p, roots, stored),
@@ -471,6 +535,9 @@ class Watcher:
         self._on_settled = on_settled
         self._on_refused = on_refused
         self._on_scanned = on_scanned
+        self._on_gone = on_gone
+        self._gone: set[Path] = set()  # paths deleted or moved away, for the settle thread
+        self._gone_lock = threading.Lock()
         self._ignore = ignore
         self._for_path = for_path or self._deepest_dir
         # What was last said about each path (a refusal's or a retry's cause): said once, not
@@ -485,6 +552,8 @@ class Watcher:
         self._thread: threading.Thread | None = None
         self.reconciles = 0  # completed reconcile scans (status, tests)
         self.restarts = 0  # observers restarted after dying
+        self.progress = Progress()
+        self._delay = float(os.environ.get(INGEST_DELAY_ENV) or 0)
 
     # life cycle --------------------------------------------------------------------------
 
@@ -524,6 +593,9 @@ class Watcher:
         self.settler.forget(path)
         with self._refused_lock:
             self._refused_now.pop(path, None)
+        if not (is_temp_name(path) or is_temp_name(path.parent)):  # lorad's own temp files come and go
+            with self._gone_lock:
+                self._gone.add(path)
 
     def refused(self) -> dict[Path, Refusal]:
         """The paths refused at the moment, with why."""
@@ -536,10 +608,16 @@ class Watcher:
         """Reconcile: hint every candidate file in every watched folder, refused ones included
         (each is examined afresh); return how many."""
         found: set[Path] = set()
+        hinted: list[Path] = []
         for watch in self.dirs:
             for path in scan_folder(watch):
-                self.settler.hint(path, confirmed=True, recheck=True)
                 found.add(path)
+                sig = signature(path)
+                if sig is not None and self._ignore(path, sig):
+                    continue  # as lorad last left it (a restart knows these from the records)
+                self.settler.hint(path, confirmed=True, recheck=True)
+                hinted.append(path)
+        self.progress.found(hinted)
         with self._refused_lock:
             for path in set(self._refused_now) - found:
                 del self._refused_now[path]
@@ -616,19 +694,39 @@ class Watcher:
         if self._reconcile.is_set():
             self._reconcile.clear()
             self.scan()
+        self._hand_on_gone()
         for path, sig in self.settler.due():
-            self._hand_on(path, sig)
+            if self._hand_on(path, sig):
+                self.progress.taken(path)
         for refused in self.settler.take_refused():
             self._refuse(refused.path, refused.refusal)
+            self.progress.taken(refused.path)
+        self.progress.keep(self.settler.pending)
 
-    def _hand_on(self, path: Path, sig: Signature) -> None:
+    def _hand_on_gone(self) -> None:
+        with self._gone_lock:
+            gone, self._gone = self._gone, set()
+        for path in sorted(gone):
+            if os.path.lexists(path):
+                continue  # back already (replaced by a rename, or swapped): nothing left
+            try:
+                self._on_gone(path)
+            except Exception as e:  # noqa: BLE001 - the next reconcile scan does the same
+                log.warning("could not act on a deleted file", path=shown(path), error=shown(str(e)))
+
+    def _hand_on(self, path: Path, sig: Signature) -> bool:
+        """Whether lorad is done with `path` as it is (taken in, refused, or none of its
+        business); False: it is tried again later."""
         watch = self._for_path(path)
         if watch is None or self._ignore(path, sig):
-            return
+            return True
+        if self._delay:
+            time.sleep(self._delay)
         try:
             self._on_settled(path, watch, sig)
         except TransientError as e:
             self._retry(path, sig, e)
+            return False
         except LoradError as e:
             if os.path.lexists(path):  # (gone meanwhile: nothing to refuse)
                 self.settler.reject(path, sig, refusal_of(e, path))
@@ -642,6 +740,7 @@ class Watcher:
             self._said.pop(path, None)
             with self._refused_lock:
                 self._refused_now.pop(path, None)
+        return True
 
     def _retry(self, path: Path, sig: Signature, error: TransientError) -> None:
         attempt = self._retries.get(path, 0) + 1

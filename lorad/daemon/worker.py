@@ -1,10 +1,10 @@
-"""Workers: claim a job, reduce the stored original in a reduction process of its own, record the
-variant, let the policy decide whether it becomes the file at the watched path.
+"""Workers: claim a job, reduce the stored original in a reduction process, record the variant,
+let the policy decide whether it becomes the file at the watched path.
 
-Each job runs the engine in a fresh child process (lorad.daemon._reduce_child) that exits when the job is
-done: a CUDA context and torch's cached GPU blocks are given back only when the process holding
-them exits, so the daemon, which never imports torch, holds no GPU memory while idle. The child
-lowers its own priority (niceness, idle I/O class) and bounds torch's threads before it starts.
+The engine runs in a child process (lorad.daemon.reduction) that serves jobs back to back and
+exits after `idle_exit` seconds without one, so the daemon, which never imports torch, holds no
+GPU memory while idle. The child lowers its own priority (niceness, idle I/O class) and bounds
+torch's threads before it starts.
 
 A failing job is recorded on its row and never stops its worker. Errors that may pass (a full disk,
 a killed or crashed child) are retried with backoff and never fail a job for good; errors in the
@@ -16,14 +16,9 @@ starts, a busy GPU (someone generating) makes the worker wait.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import select
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -31,12 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorad import errors
 from lorad._atomic import remove_tree, temp_name
-from lorad.daemon._reduce_child import MODULE_DELAY_ENV, THREAD_ENV, decode_report
+from lorad.daemon._reduce_child import MODULE_DELAY_ENV
 from lorad.daemon.config import Config, GpuBusy, Policy
 from lorad.daemon.queue import JobView, LeaseLost, Queue, error_text
-from lorad.errors import FormatError, LoradError, ReduceError, StoreError, TransientError
+from lorad.daemon.reduction import ProcessPool
+from lorad.errors import (
+    FormatError,
+    LoradError,
+    ReduceError,
+    StoreError,
+    TransientError,
+)
 from lorad.library.db import repo
 from lorad.log import get_logger
 
@@ -53,17 +54,11 @@ class JobAbandoned(Exception):
     """Raised from the progress callback when the daemon stops before the job could finish."""
 
 
-class ChildFailed(TransientError):
-    """The reduction process was killed, crashed, or failed in a way that may not recur."""
-
-
 PERMANENT = (FormatError, ReduceError, PolicyMissing)
 OOM_NOTE = "out of memory:"
 # Test hook: a file holding "<utilisation %> <free MiB>", read instead of NVML, so tests on
 # machines without a GPU can make the GPU look busy or free. Unset in any real deployment.
 GPU_STATE_ENV = "LORAD_TEST_GPU_STATE"
-CHILD_MODULE = "lorad.daemon._reduce_child"
-POLL_SECONDS = 0.1  # how often a running job looks for an abandon request between messages
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +76,7 @@ class Decision:
 
     def to_json(self) -> dict[str, object]:
         return {"activate": self.activate, "reason": self.reason, "saving": round(self.saving, 6),
-                "fro_retained": self.fro_retained, "refused_by": self.refused_by,
+                "fro_retained_file": self.fro_retained, "refused_by": self.refused_by,
                 "would_pass": self.would_pass}  # fmt: skip
 
 
@@ -128,111 +123,6 @@ def settings_for(policy: Policy, device: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The reduction process
-
-
-def child_env(threads: int) -> dict[str, str]:
-    """The daemon's environment with the thread count fixed before the OpenMP runtime loads."""
-    env = dict(os.environ)
-    for key in THREAD_ENV:
-        env[key] = str(threads)
-    return env
-
-
-def probe_device(requested: str) -> str:
-    """cpu or cuda for `auto`, asked of a short-lived process, so the daemon never loads torch."""
-    if requested != "auto":
-        return requested
-    out = subprocess.run([sys.executable, "-m", CHILD_MODULE, "--probe-device", requested],
-                         capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
-    answer = out.stdout.strip().splitlines()[-1:] if out.returncode == 0 else []
-    if answer and answer[0] in ("cpu", "cuda"):
-        return answer[0]
-    log.error("probing the device failed; using the CPU", stderr=out.stderr[-2000:])
-    return "cpu"
-
-
-def _rebuilt_error(kind: str, type_name: str, message: str) -> Exception:
-    """The child's error as the parent's exception, keeping its type name (the queue tells
-    permanent errors from the rest by that name)."""
-    cls = getattr(errors, type_name, None)
-    if isinstance(cls, type) and issubclass(cls, LoradError):
-        if kind == "transient" and not issubclass(cls, TransientError):
-            return ChildFailed(f"{type_name}: {message}")
-        return cls(message)
-    if kind == "permanent":
-        return ReduceError(f"{type_name}: {message}")
-    return ChildFailed(f"{type_name}: {message}")
-
-
-class ReductionProcess:
-    """One engine run in a child process: spawn, feed it the spec, follow its messages, reap it."""
-
-    def __init__(self, spec: dict[str, Any], threads: int, label: str) -> None:
-        self.spec = spec
-        self.threads = threads
-        self.label = label
-
-    def run(self, progress: Callable[[int, int], None]) -> Any:
-        """The Report; raises the child's error, ChildFailed when it died without one, or whatever
-        `progress` raises (JobAbandoned), after killing the child."""
-        read_fd, write_fd = os.pipe()
-        argv = [sys.executable, "-m", CHILD_MODULE, "--fd", str(write_fd), "--parent", str(os.getpid()),
-                "--job", self.label]  # fmt: skip
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, pass_fds=(write_fd,), env=child_env(self.threads))
-        except BaseException:
-            os.close(read_fd)
-            raise
-        finally:
-            os.close(write_fd)  # the child holds the only write end: its exit is our EOF
-        try:
-            return self._follow(proc, read_fd, progress)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            os.close(read_fd)
-
-    def _follow(self, proc: subprocess.Popen[bytes], read_fd: int, progress: Callable[[int, int], None]) -> Any:
-        assert proc.stdin is not None
-        try:
-            proc.stdin.write(json.dumps(self.spec).encode())
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass  # it died at once; the exit status says how
-        done = total = 0
-        outcome: dict[str, Any] | None = None
-        pending = b""
-        poller = select.poll()  # not select(): a busy daemon's descriptors may number over 1024
-        poller.register(read_fd, select.POLLIN)
-        while True:
-            if poller.poll(POLL_SECONDS * 1000):
-                chunk = os.read(read_fd, 1 << 16)
-                if not chunk:
-                    break
-                *lines, pending = (pending + chunk).split(b"\n")
-                for line in lines:
-                    message = json.loads(line)
-                    event = message.pop("event")
-                    if event == "progress":
-                        done, total = message["done"], message["total"]
-                    elif event == "started":
-                        log.info("reduction process started", label=self.label, **message)
-                    else:
-                        outcome = {"event": event, **message}
-            progress(done, total)  # also between messages: lets the worker abandon the job
-        progress(done, total)  # an abandon asked for as the child finished still stands
-        code = proc.wait()
-        if outcome is not None and outcome["event"] == "report":
-            return decode_report(outcome["report"])
-        if outcome is not None and outcome["event"] == "error":
-            raise _rebuilt_error(outcome["kind"], outcome["type"], outcome["message"])
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-        raise ChildFailed(f"the reduction process (pid {proc.pid}) {how} before it reported a result")
-
-
-# ---------------------------------------------------------------------------------------------
 # Running one job
 
 
@@ -253,6 +143,7 @@ class Runner:
         self.work_dir = work_dir
         self.device = device
         self._on_written = on_written
+        self.processes = ProcessPool(config.cpu_threads, config.nice, config.io_idle, config.idle_exit)
         work_dir.mkdir(parents=True, exist_ok=True)
         # Folders a killed run was working in (an adapter folder's job-N-<sha>-in/-out); nothing
         # refers to them. Only those names: anything else here is not lorad's to remove.
@@ -261,8 +152,11 @@ class Runner:
                 remove_tree(leftover)
 
     def spec(self, policy: Policy, src: Path, dst: Path, tree: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {"src": str(src), "dst": str(dst), "settings": settings_for(policy, self.device), "tree": tree,
-                "threads": self.config.cpu_threads, "nice": self.config.nice, "io_idle": self.config.io_idle}  # fmt: skip
+        return {"src": str(src), "dst": str(dst), "settings": settings_for(policy, self.device), "tree": tree}
+
+    def close(self) -> None:
+        """Let the idle reduction processes exit (a running job's is the worker's to stop)."""
+        self.processes.close()
 
     def __call__(self, job: JobView, progress: Callable[[int, int], None]) -> int:
         policy = self.config.policies.get(job.policy)
@@ -281,9 +175,12 @@ class Runner:
             tree = {"entries": [[name, sha, mode, str(store.path_of(sha))] for name, sha, mode in entries]}
             for leftover in (src, dst, temp_name(dst)):
                 remove_tree(leftover)  # an earlier attempt's, killed
-        child = ReductionProcess(self.spec(policy, src, dst, tree), self.config.cpu_threads, f"job-{job.id}")
+        process = self.processes.take()
         try:
-            report = child.run(progress)
+            try:
+                report = process.run(self.spec(policy, src, dst, tree), progress)
+            finally:
+                self.processes.give_back(process, process.reusable)
             variant = self.library.add_variant(job.lora_id, report, actor="worker", source=job.blob_sha256)
         finally:
             for made in (dst, temp_name(dst), *([src] if tree is not None else [])):
@@ -298,13 +195,11 @@ class Runner:
     def _apply(self, job: JobView, policy: Policy, variant_id: int, decision: Decision) -> Decision:
         if not decision.activate:
             return decision
-        lora = self.library.lora(job.lora_id)
-        original = lora.original
-        if original is None or original.blob_sha256 != job.blob_sha256:
+        if self.library.original_sha256(job.lora_id) != job.blob_sha256:
             return Decision(False, "the file's original changed since this job was queued; not activated",
                             decision.saving, decision.fro_retained)  # fmt: skip
         try:
-            self.library.activate(job.lora_id, variant_id, actor=f"policy:{policy.name}")
+            lora = self.library.activate(job.lora_id, variant_id, actor=f"policy:{policy.name}")
         except StoreError as e:
             return Decision(False, f"not activated: {e}", decision.saving, decision.fro_retained)
         self._on_written(lora.path)

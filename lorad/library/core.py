@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorad.engine.formats.detect import detect_format
-from lorad.engine.formats.keys import parse_key
+from lorad.engine.formats.keys import group_keys, parse_key
 from lorad.engine.formats.safetensors_file import Header, file_data_sha256, read_header
+from lorad.errors import LoradError
 from lorad.library.db import repo
 from lorad.library.db.models import Lora
 from lorad.library.db.session import Database
@@ -24,10 +25,21 @@ from lorad.library.sidecars import read_claims
 from lorad.library.store import BlobInfo, FileStamp, Store
 
 
+def header_ranks(header: Header) -> tuple[int, ...]:
+    """The ranks of a file's LoRA modules (those with both factors), from its header."""
+    groups, _ = group_keys(header.tensors)
+    shapes = [header.tensors[g.roles["down"]].shape for g in groups.values() if {"up", "down"} <= set(g.roles)]
+    return tuple(shape[0] for shape in shapes if shape)
+
+
 def blob_record(
     sha256: str, size: int, data_sha256: str | None, header: Header, blake3: str | None = None
 ) -> repo.BlobRecord:
     modules = {k.module for k in map(parse_key, header.tensors) if k and k.role not in ("alpha", "scale")}
+    try:
+        ranks: tuple[int, ...] | None = header_ranks(header)
+    except LoradError:
+        ranks = None  # keys lorad cannot group: stored all the same, its ranks unknown
     return repo.BlobRecord(
         sha256=sha256,
         bytes=size,
@@ -37,6 +49,7 @@ def blob_record(
         sshs_model_hash=header.metadata.get("sshs_model_hash"),
         sshs_legacy_hash=header.metadata.get("sshs_legacy_hash"),
         blake3=blake3,
+        ranks=ranks,
     )
 
 

@@ -139,6 +139,36 @@ def swap(target: Path, area: Path, expect: str | None, build: Callable[[Path], N
         raise
 
 
+def create(target: Path, area: Path, build: Callable[[Path], None], mode: int) -> None:
+    """Make a folder at `target`, where there is none, from what `build(folder)` fills: built
+    whole where `swap` builds, then renamed in, so a reader finds no folder or the whole one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    p = places(target, area)
+    remove_tree(p.new)
+    try:
+        os.mkdir(p.new, 0o700)
+        build(p.new)
+        os.chmod(p.new, mode)
+        fsync_dir(p.new)
+        fsync_dir(p.new.parent)
+        if os.path.lexists(target):
+            raise TargetChanged(f"{target}: appeared while lorad was writing it; left as it is")
+        os.rename(p.new, target)
+        fsync_dir(target.parent)
+    except BaseException:
+        remove_tree(p.new)
+        raise
+
+
+def remove(target: Path, area: Path) -> None:
+    """Remove a folder whole: moved out of the way first, so a reader never finds part of it."""
+    p = places(target, area)
+    remove_tree(p.old)
+    os.rename(target, p.old)
+    fsync_dir(target.parent)
+    remove_tree(p.old)
+
+
 def dir_mode_owner(target: Path) -> tuple[int, tuple[int, int] | None]:
     """The replaced folder's permissions (and owner, when we may set it)."""
     st = os.stat(target)

@@ -15,7 +15,7 @@ The Library calls these with its lock held.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +67,7 @@ def store_tree(core: Core, folder: Path, modes: Mapping[str, int] | None = None)
     weights = next((r for e, r in zip(entries, records) if e.name == WEIGHTS), None)
     total = sum(r.bytes for r in records)
     tree = repo.BlobRecord(manifest.sha256, total, manifest.sha256, "peft", weights.modules if weights else None,
-                           None, None, manifest.blake3, kind="tree")  # fmt: skip
+                           None, None, manifest.blake3, kind="tree", ranks=weights.ranks if weights else None)  # fmt: skip
     return StoredTree(manifest.sha256, tuple(entries), (*records, tree), total)
 
 
@@ -167,8 +167,13 @@ def state(core: Core, lora_id: int, actor: str, trust_stamp: bool = False) -> Fi
         adapter_folder.check(path)
     except (FormatError, OSError):
         return FileState("unsettled", None, active_id, sha)  # being copied, or half edited: not adopted
-    new_id = _adopt(core, lora_id, path, active_id, actor, "changed outside lorad", active=True)
+    new_id = adopt_new_original(core, lora_id, path, active_id, actor)
     return FileState("new-original", new_id, active_id, sha)
+
+
+def adopt_new_original(core: Core, lora_id: int, folder: Path, old: int | None, actor: str) -> int:
+    """Store a folder holding a tree lorad never stored as the LoRA's original, made active."""
+    return _adopt(core, lora_id, folder, old, actor, "changed outside lorad", active=True)
 
 
 def _adopt(core: Core, lora_id: int, folder: Path, old: int | None, actor: str, reason: str, active: bool) -> int:
@@ -192,22 +197,32 @@ def _adopt(core: Core, lora_id: int, folder: Path, old: int | None, actor: str, 
 # -- putting a variant in place ------------------------------------------------------------------------
 
 
-def put(core: Core, wanted: Variant, path: Path, stamp: str, actor: str) -> None:
-    """Make the folder at `path` hold the tree of `wanted`, swapped in whole; `stamp`: the folder's
-    stamp when its contents were last checked (else TargetChanged, nothing replaced)."""
-    with core.db.read() as s:
-        entries = [trees.Entry(name, sha, mode) for name, sha, mode in repo.tree_entries(s, wanted.blob_sha256)]
-    if not entries:
-        raise StoreError(f"variant {wanted.id} is no folder tree; cannot put it at {path}")
+def put(core: Core, lora_id: int, tree_sha256: str, path: Path, stamp: str, actor: str) -> None:
+    """Make the folder at `path` hold a stored tree of the LoRA, swapped in whole; `stamp`: the
+    folder's stamp when its contents were last checked (else TargetChanged, nothing replaced)."""
     mode, owner = folder_swap.dir_mode_owner(path)
+    retired = folder_swap.swap(path, core.swap_area, stamp, _builder(core, tree_sha256, owner), mode, owner)
+    retire(core, lora_id, retired, stamp, actor)
+    _crashpoint("folder:after-retire")
+
+
+def put_new(core: Core, tree_sha256: str, path: Path, mode: int) -> None:
+    """Write a stored tree as a new folder at `path`, where there is none (a mirror's)."""
+    folder_swap.create(path, core.swap_area, _builder(core, tree_sha256, None), mode)
+
+
+def _builder(core: Core, tree_sha256: str, owner: tuple[int, int] | None) -> Callable[[Path], None]:
+    """What fills a new folder with a stored tree's files."""
+    with core.db.read() as s:
+        entries = [trees.Entry(name, sha, mode) for name, sha, mode in repo.tree_entries(s, tree_sha256)]
+    if not entries:
+        raise StoreError(f"{tree_sha256[:12]} is no folder tree; it cannot be put in a folder")
 
     def build(folder: Path) -> None:
         for e in entries:
             core.store.write_out(e.sha256, folder / e.name, e.mode, owner)
 
-    retired = folder_swap.swap(path, core.swap_area, stamp, build, mode, owner)
-    retire(core, wanted.lora_id, retired, stamp, actor)
-    _crashpoint("folder:after-retire")
+    return build
 
 
 def retire(core: Core, lora_id: int, old: Path, expect: str | None, actor: str) -> None:

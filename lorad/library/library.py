@@ -32,16 +32,16 @@ from sqlalchemy.orm import Session
 
 from lorad._atomic import is_temp_name
 from lorad._fileio import check_regular
-from lorad.engine.formats.keys import group_keys
 from lorad.engine.formats.safetensors_file import read_header
 from lorad.engine.report import Report
-from lorad.errors import FormatError, LoradError, StoreError
-from lorad.library import folder_swap, folders, trees, upkeep
-from lorad.library.core import Core
+from lorad.errors import LoradError, StoreError
+from lorad.library import folder_swap, folders, listing, trees, upkeep
+from lorad.library.core import Core, header_ranks
 from lorad.library.db import repo
 from lorad.library.db.models import Blob, Lora, Variant
 from lorad.library.db.session import BUSY_TIMEOUT_MS, Database, DatabaseUnavailable, default_url, sqlite_path
 from lorad.library.hashes import HashHit, claim_names, parse_query
+from lorad.library.reconcile import Unchanged, unchanged
 from lorad.library.reconcile import reconcile as reconcile_records
 from lorad.library.records import (
     EventView,
@@ -54,12 +54,13 @@ from lorad.library.records import (
     VerifyReport,
     event_view,
     lora_view,
+    lora_views,
     refusal_view,
     variant_view,
 )
 from lorad.library.refusals import Refusal
 from lorad.library.states import FileState, unchanged_token
-from lorad.library.store import BlobInfo, CorruptBlob, FileStamp, LinkMode, Store, TargetChanged, _crashpoint
+from lorad.library.store import FILES_HASHED, BlobInfo, CorruptBlob, FileStamp, LinkMode, Store, TargetChanged, _crashpoint
 from lorad.pathtext import shown
 from lorad.state_dir import Modes, secure_dir, secure_sqlite
 
@@ -129,13 +130,40 @@ class Library:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def loras(self) -> list[LoraView]:
-        with self.db.read() as s:
-            return [lora_view(s, lora, self._header_ranks) for lora in repo.all_loras(s)]
+    def loras(self, ids: Sequence[int] | None = None) -> list[LoraView]:
+        """The LoRAs `ids` in that order (None: every one, by id), in a few queries whatever their
+        number."""
+        return self._views(lambda s: ids)
 
     def lora(self, ref: LoraRef) -> LoraView:
+        return self._views(lambda s: [self._find_lora(s, ref).id])[0]
+
+    def _views(self, ids_of: Callable[[Session], Sequence[int] | None]) -> list[LoraView]:
+        learned: dict[str, tuple[int, ...]] = {}
+
+        def header_ranks(s: Session, sha256: str) -> tuple[int, ...] | None:
+            ranks = self._header_ranks(s, sha256)
+            if ranks is not None:
+                learned[sha256] = ranks
+            return ranks
+
         with self.db.read() as s:
-            return lora_view(s, self._find_lora(s, ref), self._header_ranks)
+            views = lora_views(s, ids_of(s), header_ranks)
+        if learned:  # blobs stored before lorad recorded ranks: their headers are read once
+            with contextlib.suppress(DatabaseUnavailable):  # (else read again next time)
+                with self.db.write() as s:
+                    repo.set_blob_ranks(s, learned)
+        return views
+
+    def list_page(self, refused: Sequence[listing.Refused] = (), **query: Any) -> listing.Page:
+        """One page of `lorad list` (lorad.library.listing.page), read from the records alone."""
+        with self.db.read() as s:
+            return listing.page(s, refused, **query)
+
+    def totals(self) -> listing.Totals:
+        """How many LoRAs, the bytes of their originals and of what their paths hold now."""
+        with self.db.read() as s:
+            return listing.totals(s)
 
     def holds_folder(self, path: str | os.PathLike[str]) -> bool:
         """Whether `path` is a folder LoRA whose folder still has the stamp it had when lorad last
@@ -144,6 +172,13 @@ class Library:
             row = repo.lora_by_path(s, os.path.realpath(path))
             stamp = row.file_stamp if row is not None and row.kind == "folder" else None
         return stamp is not None and trees.stamp_of(Path(path)) == stamp
+
+    def original_sha256(self, lora_id: int) -> str | None:
+        """The blob of a LoRA's current original (None: no original, or no such LoRA)."""
+        with self.db.read() as s:
+            row = s.get(Lora, lora_id)
+            original = s.get(Variant, row.original_variant_id) if row and row.original_variant_id else None
+            return original.blob_sha256 if original is not None else None
 
     def tree_entries(self, sha256: str) -> list[tuple[str, str, int]] | None:
         """(name, blob sha256, mode) of a folder tree's files; None when the blob is no tree."""
@@ -157,12 +192,9 @@ class Library:
         if blob is not None and blob.kind == "tree":
             sha256 = folders.weights_of(s, sha256) or ""
         try:
-            header = read_header(self.store.path_of(sha256))
-            groups, _ = group_keys(header.tensors)
+            return header_ranks(read_header(self.store.path_of(sha256)))
         except (LoradError, OSError):
             return None
-        ranks = [header.tensors[g.roles["down"]].shape for g in groups.values() if {"up", "down"} <= set(g.roles)]
-        return tuple(shape[0] for shape in ranks if shape)
 
     def events(self, lora: LoraRef | None = None, limit: int | None = None) -> list[EventView]:
         with self.db.read() as s:
@@ -271,10 +303,10 @@ class Library:
                 self._refresh_claims_quietly(lora_id)  # a manager may have written a sidecar since
                 return self.lora(lora_id)
             if is_folder:
+                lora_id = folders.ingest(self.core, target, root, os.path.abspath(path), policy, actor)
                 if root in self.mirrors:
-                    raise FormatError(f"{target}: adapter folders are not mirrored yet; keep them in a "
-                                      "folder in mode: replace")  # fmt: skip
-                return self.lora(folders.ingest(self.core, target, root, os.path.abspath(path), policy, actor))
+                    self.reconcile(lora_id, actor, trust_stamp=True)  # the original, mirrored
+                return self.lora(lora_id)
             stamp = FileStamp.of_path(target)
             info, record = self.store_file(target)
             _crashpoint("ingest:after-store")
@@ -411,7 +443,7 @@ class Library:
                 stamp = None
         state = self.reconcile(lora_id, actor)
         if mirrored and state.kind != "gone":
-            stamp = FileStamp.of_path(path)
+            stamp = trees.stamp_of(path) if is_folder else FileStamp.of_path(path)
         if stamp is None or state.kind == "gone":
             raise StoreError(f"{path}: the file is gone; lorad does not recreate removed LoRAs")
         if state.refusal is not None:
@@ -431,7 +463,7 @@ class Library:
     def _materialize(self, wanted: Variant, path: Path, stamp: FileStamp | str, actor: str) -> None:
         try:
             if isinstance(stamp, str):
-                folders.put(self.core, wanted, path, stamp, actor)
+                folders.put(self.core, wanted.lora_id, wanted.blob_sha256, path, stamp, actor)
             else:
                 self.store.materialize(wanted.blob_sha256, path, expect=stamp)
         except CorruptBlob as e:
@@ -444,12 +476,36 @@ class Library:
             self.reconcile(wanted.lora_id, actor)
             raise
 
+    def gone(self, path: str | os.PathLike[str], actor: str = "library") -> None:
+        """A watched path was deleted or moved away. In mirror mode its mirror goes now, as the
+        next reconcile would remove it (lorad.library.mirror): until then the user's tools, pointed at
+        the mirror, would still offer the LoRA. Elsewhere nothing is done: the records stay until gc."""
+        where = os.path.abspath(path)
+        with self.lock:
+            with self.db.read() as s:
+                row = repo.lora_by_path(s, where)
+                if row is None or self.mirror_of(row) is None:
+                    return
+                lora_id = row.id
+            if not os.path.lexists(where):
+                self.reconcile(lora_id, actor)
+
     # -- reconciling disk and records -----------------------------------------------------------
 
     def reconcile(self, lora_id: int, actor: str, trust_stamp: bool = False) -> FileState:
         """Bring the records to what the watched file holds, and say what that is (see
         lorad.library.reconcile.reconcile)."""
         return reconcile_records(self.core, lora_id, actor, trust_stamp)
+
+    def unchanged_files(self) -> list[Unchanged]:
+        """The LoRA files as lorad last knew them, by their recorded stamps (see
+        lorad.library.reconcile.unchanged): a restart passes them by unhashed."""
+        return unchanged(self.core)
+
+    @property
+    def files_hashed(self) -> int:
+        """Files read through to hash them in this process (lorad.library.store.FILES_HASHED)."""
+        return FILES_HASHED.value
 
     def quarantine(
         self, sha256: str, actor: str, lora_id: int | None = None, variant_id: int | None = None

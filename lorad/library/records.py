@@ -5,17 +5,19 @@ The daemon's control methods and the CLI turn these into JSON and tables.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Connection, func, select
 from sqlalchemy.orm import Session
 
 from lorad.engine.reduce.rank_rules import servers_met
 from lorad.library.db import repo
-from lorad.library.db.models import Blob, Event, Lora, Refusal, Variant
+from lorad.library.db.models import Blob, Event, Lora, ModuleMetric, Refusal, Variant
 from lorad.library.hashes import HashHit
 
 # The module ranks of a stored blob (a file's, or a tree's weights), read from its header.
@@ -33,8 +35,9 @@ class VariantView:
     method: str | None = None
     param: float | None = None
     source_variant_id: int | None = None
-    fro_retained_mean: float | None = None
-    fro_retained_min: float | None = None
+    fro_retained_file: float | None = None  # the whole file's, each module weighted by its energy
+    fro_retained_mean: float | None = None  # the mean over modules
+    fro_retained_min: float | None = None  # the weakest module's
     params_in: int | None = None
     params_out: int | None = None
     serve: str | None = None  # the server whose rank rules it was made for (policy `serve`)
@@ -44,7 +47,13 @@ class VariantView:
     @property
     def servers(self) -> tuple[str, ...] | None:
         """The serving hosts whose rank rules it meets as it is (lorad.engine.reduce.rank_rules)."""
-        return None if self.ranks is None else tuple(servers_met(self.ranks))
+        return None if self.ranks is None else _servers_for(self.ranks)
+
+
+@functools.lru_cache(maxsize=1024)
+def _servers_for(ranks: tuple[int, ...]) -> tuple[str, ...]:
+    """Memoised: a library of thousands has a handful of rank patterns, and `list` asks of each."""
+    return tuple(servers_met(ranks))
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,7 @@ def variant_view(v: Variant, blob_bytes: int, ranks: tuple[int, ...] | None = No
         method=v.method,
         param=v.param,
         source_variant_id=v.source_variant_id,
+        fro_retained_file=v.fro_retained_file,
         fro_retained_mean=v.fro_retained_mean,
         fro_retained_min=v.fro_retained_min,
         params_in=v.params_in,
@@ -177,39 +187,119 @@ def variant_view(v: Variant, blob_bytes: int, ranks: tuple[int, ...] | None = No
     )
 
 
-def _ranks(s: Session, v: Variant, rows: list[Variant], header_ranks: HeaderRanks | None) -> tuple[int, ...] | None:
-    """A variant's module ranks: a reduction's from its metrics; an original's from the metrics of
-    a reduction made from it (their rank_in), else from its header."""
-    if v.kind == "reduced":
-        metrics = repo.module_metrics_of(s, v.id)
-        return tuple(m.rank_out for m in metrics if m.rank_out > 0) if metrics else None
-    for child in rows:
-        if child.source_variant_id == v.id and child.kind == "reduced":
-            metrics = repo.module_metrics_of(s, child.id)
-            if metrics:
-                return tuple(m.rank_in for m in metrics if m.rank_in > 0)
-    return header_ranks(s, v.blob_sha256) if header_ranks is not None else None
-
-
 def lora_view(s: Session, lora: Lora, header_ranks: HeaderRanks | None = None) -> LoraView:
-    variants = []
-    rows = list(repo.variants_of(s, lora.id))
-    for v in rows:
-        blob = s.get(Blob, v.blob_sha256)
-        variants.append(variant_view(v, blob.bytes if blob else 0, _ranks(s, v, rows, header_ranks)))
-    refusal = repo.refusal_at(s, lora.path)
-    return LoraView(
-        id=lora.id,
-        path=Path(lora.path),
-        folder=Path(lora.folder),
-        policy=lora.policy,
-        active_variant_id=lora.active_variant_id,
-        original_variant_id=lora.original_variant_id,
-        variants=tuple(variants),
-        refused=refusal_view(s, refusal, lora.id) if refusal is not None else None,
-        kind=lora.kind,
-        mirror=Path(lora.mirror_path) if lora.mirror_path else None,
-    )
+    return lora_views(s, [lora.id], header_ranks)[0]
+
+
+# SQLite allows 32766 bound values per statement (999 before 3.32): ids are asked for in chunks.
+CHUNK = 900
+
+
+def lora_views(s: Session, ids: Sequence[int] | None = None, header_ranks: HeaderRanks | None = None) -> list[LoraView]:
+    """The views of the LoRAs `ids` (None: all), in that order (all: by id), in a few queries
+    whatever their number: a library of thousands is listed without one query per LoRA.
+
+    A variant's module ranks: a reduction's from its metrics (rank_out); an original's from the
+    metrics of a reduction made from it (their rank_in), else as recorded for its blob (from its
+    header when stored). `header_ranks` is asked for the ranks of a blob stored before lorad
+    recorded them (the library reads its header, and records what it read).
+    """
+    db = s.connection()  # plain Core rows: the ORM's result machinery doubles the cost of thousands
+    columns = (Lora.id, Lora.path, Lora.folder, Lora.policy, Lora.active_variant_id, Lora.original_variant_id,
+               Lora.kind, Lora.mirror_path)  # fmt: skip
+    if ids is None:
+        loras = db.execute(select(*columns).order_by(Lora.id)).all()
+    else:
+        found = {row[0]: row for chunk in _chunks(ids) for row in db.execute(select(*columns).where(Lora.id.in_(chunk)))}
+        loras = [found[i] for i in ids if i in found]
+    variants = _variant_rows(db, None if ids is None else [row[0] for row in loras])
+    metrics = _metric_ranks(db, [v[_ID] for rows in variants.values() for v in rows if v[_KIND] == "reduced"])
+    refusals = _refusals_at(s, [row[1] for row in loras])
+    folders: dict[str, Path] = {}  # a few watched roots, shared by thousands of LoRAs
+    read: dict[str, tuple[int, ...] | None] = {}
+    views = []
+    for lora_id, path, folder, policy, active_id, original_id, kind, mirror in loras:
+        rows = variants.get(lora_id, [])
+        variant_views = []
+        for v in rows:
+            ranks = _ranks(v, rows, metrics)
+            if ranks is None and v[_KIND] == "original" and header_ranks is not None:
+                sha = v[_BLOB]
+                if sha not in read:
+                    read[sha] = header_ranks(s, sha)
+                ranks = read[sha]
+            v[_RANKS] = ranks
+            variant_views.append(VariantView(*v))
+        refusal = refusals.get(path)
+        if folder not in folders:
+            folders[folder] = Path(folder)
+        views.append(LoraView(
+            id=lora_id, path=Path(path), folder=folders[folder], policy=policy, active_variant_id=active_id,
+            original_variant_id=original_id, variants=tuple(variant_views),
+            refused=RefusalView(Path(refusal.path), refusal.cause, refusal.reason, refusal.first_seen,
+                                refusal.last_seen, lora_id) if refusal is not None else None,
+            kind=kind, mirror=Path(mirror) if mirror else None,
+        ))  # fmt: skip
+    return views
+
+
+# A variant view's fields are Variant's columns of the same names, but for its blob's bytes and
+# ranks (its own as recorded for the blob, until _ranks says better); `details` (spectra, notes:
+# the report's) stays in the database. Selected in the view's field order, so a row makes a view.
+_FIELDS = tuple(f.name for f in fields(VariantView))
+_ID, _KIND, _BLOB, _SOURCE, _RANKS = (_FIELDS.index(n) for n in ("id", "kind", "blob_sha256", "source_variant_id", "ranks"))
+_LORA = _FIELDS.index("lora_id")
+
+
+def _column(name: str) -> Any:
+    if name == "bytes":
+        return func.coalesce(Blob.bytes, 0)
+    return Blob.ranks if name == "ranks" else getattr(Variant, name)
+
+
+def _variant_rows(db: Connection, lora_ids: Sequence[int] | None) -> dict[int, list[list[Any]]]:
+    """Per LoRA, its variants' rows (lists in the view's field order), by id."""
+    query = (select(*(_column(name) for name in _FIELDS))
+             .outerjoin(Blob, Blob.sha256 == Variant.blob_sha256).order_by(Variant.id))  # fmt: skip
+    queries = [query] if lora_ids is None else [query.where(Variant.lora_id.in_(c)) for c in _chunks(lora_ids)]
+    by_lora: dict[int, list[list[Any]]] = {}
+    for q in queries:
+        for row in db.execute(q):
+            by_lora.setdefault(row[_LORA], []).append(list(row))
+    return by_lora
+
+
+def _metric_ranks(db: Connection, variant_ids: Sequence[int]) -> dict[int, tuple[list[int], list[int]]]:
+    """Per reduced variant: its modules' (rank_in, rank_out), each list in module order."""
+    found: dict[int, tuple[list[int], list[int]]] = {}
+    for chunk in _chunks(variant_ids):
+        query = (select(ModuleMetric.variant_id, ModuleMetric.rank_in, ModuleMetric.rank_out)
+                 .where(ModuleMetric.variant_id.in_(chunk)).order_by(ModuleMetric.id))  # fmt: skip
+        for variant_id, rank_in, rank_out in db.execute(query):
+            ins, outs = found.setdefault(variant_id, ([], []))
+            ins.append(rank_in)
+            outs.append(rank_out)
+    return found
+
+
+def _ranks(v: list[Any], rows: list[list[Any]], metrics: dict[int, tuple[list[int], list[int]]]) -> tuple[int, ...] | None:
+    if v[_KIND] == "reduced":
+        return tuple(r for r in metrics[v[_ID]][1] if r > 0) if v[_ID] in metrics else None
+    for child in rows:
+        if child[_SOURCE] == v[_ID] and child[_KIND] == "reduced" and child[_ID] in metrics:
+            return tuple(r for r in metrics[child[_ID]][0] if r > 0)
+    return tuple(v[_RANKS]) if v[_RANKS] is not None else None
+
+
+def _refusals_at(s: Session, paths: Sequence[str]) -> dict[str, Refusal]:
+    found: dict[str, Refusal] = {}
+    for chunk in _chunks(paths):
+        found.update((r.path, r) for r in s.scalars(select(Refusal).where(Refusal.path.in_(chunk))))
+    return found
+
+
+def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
+    return [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
 
 
 def refusal_view(s: Session, r: Refusal, lora_id: int | None = None) -> RefusalView:

@@ -25,6 +25,7 @@ import os
 import signal
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -108,6 +109,26 @@ class FileStamp:
         return f"{self.device}:{self.inode}:{self.size}:{self.mtime_ns}"
 
 
+class _Count:
+    def __init__(self) -> None:
+        self._n = 0
+        self._lock = threading.Lock()
+
+    def add(self) -> None:
+        with self._lock:
+            self._n += 1
+
+    @property
+    def value(self) -> int:
+        return self._n
+
+
+# Files read through to hash them in this process (watched files taken in or checked, blobs
+# verified or copied out): `lorad status` shows it, so a restart that trusts recorded stamps can be
+# seen to read none.
+FILES_HASHED = _Count()
+
+
 def _remove_quietly(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -118,6 +139,7 @@ def _why(e: OSError) -> str:
 
 
 def hash_file(path: Path) -> str:
+    FILES_HASHED.add()
     h = hashlib.sha256()
     with open_regular(path) as f:
         while block := f.read(CHUNK):
@@ -128,6 +150,7 @@ def hash_file(path: Path) -> str:
 def digest_file(path: Path) -> BlobInfo:
     """sha256 and BLAKE3 of a file in one read (verify fills in the BLAKE3 of blobs stored before
     lorad computed it)."""
+    FILES_HASHED.add()
     hasher = _Hasher(None, with_blake3=True)
     with open_regular(path) as f:
         while block := f.read(CHUNK):
@@ -171,6 +194,7 @@ def _copy_hashing(src: BinaryIO, dst_fd: int, hasher: _Hasher) -> None:
 
 def copy_verified(src: BinaryIO, fd: int, sha256: str) -> None:
     """Copy a blob's bytes into `fd`; CorruptBlob if they no longer hash to its name."""
+    FILES_HASHED.add()
     hasher = _Hasher(None)
     _copy_hashing(src, fd, hasher)
     if hasher.whole.hexdigest() != sha256:
@@ -316,6 +340,7 @@ class Store:
         self._clone_or_copy_verified(blob, sha256, dest, mode, owner)
 
     def _copy_in(self, src: Path, out_fd: int, data_offset: int | None) -> BlobInfo:
+        FILES_HASHED.add()
         hasher = _Hasher(data_offset, with_blake3=True)
         # open_regular: the file may have been swapped for a FIFO since it was looked at, and a
         # plain open() would block on it for good, holding the library's lock.

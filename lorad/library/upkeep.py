@@ -124,7 +124,7 @@ def _verify_lora(core: Core, lora_id: int, tally: _VerifyTally, actor: str, stal
         state = reconcile(core, lora_id, actor)  # a folder's: puts back one an interrupted swap moved aside
         if is_folder:
             cutoff = utcnow().timestamp() - stale_after.total_seconds()
-            tally.temp_removed.extend(folders.clean_leftovers(core, lora_id, path, cutoff))
+            tally.temp_removed.extend(folders.clean_leftovers(core, lora_id, mirror_path or path, cutoff))
     except LoradError as e:
         log.warning("verify could not reconcile", path=shown(path), error=shown(str(e)))
         tally.unsettled.append(path)

@@ -4,8 +4,9 @@
 lorad.report.html's docstring for both contracts). The daemon's `report` method returns them; the
 CLI renders and writes the page, so the daemon never writes outside its state and watched folders.
 
-Per variant: its hashes (sha256, AutoV2, AutoV3, BLAKE3), the whole-file retained Frobenius ratio
-(None for variants recorded before lorad kept it), the rank rule and server it was made for, the
+Per variant: its hashes (sha256, AutoV2, AutoV3, BLAKE3), the whole file's retained Frobenius ratio
+(`fro_retained_file`, each module weighted by its energy: the figure `list`, `show` and the decision
+give; None for variants recorded before lorad kept it) and the weakest module's, the rank rule and server it was made for, the
 servers whose rank rules it meets as it is (lorad.engine.reduce.rank_rules.servers_met: a reduced
 variant's ranks from its module rows, an original's from its stored header), and the policy's
 latest decision on it (the `decided` events). The modules and spectra are those of the variant
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 
 MODULE_FIELDS = ("name", "kind", "rank_in", "rank_out", "fro_retained", "rel_error", "params_in", "params_out",
                  "skipped")  # fmt: skip
-DECISION_FIELDS = ("activate", "reason", "saving", "fro_retained")
+DECISION_FIELDS = ("activate", "reason", "saving", "fro_retained_file")
 
 
 def _now() -> str:
@@ -80,6 +81,8 @@ def _decisions(s: Session, lora_id: int) -> dict[int, dict[str, Any]]:
     for e in repo.events(s, lora_id=lora_id):
         if e.kind == "decided" and e.variant_id is not None:
             detail = dict(e.detail or {})
+            if "fro_retained_file" not in detail:  # decided before the figure had one name
+                detail["fro_retained_file"] = detail.get("fro_retained")
             out[e.variant_id] = {f: detail.get(f) for f in DECISION_FIELDS}
     return out
 
@@ -102,7 +105,7 @@ def _variant_doc(lib: Library, s: Session, v: Variant, active_id: int | None,
         "autov2": blob.autov2 if blob else v.blob_sha256[:10],
         "autov3": blob.autov3 if blob else None,
         "blake3": blob.blake3 if blob else None,
-        "fro_retained": v.fro_retained_file,
+        "fro_retained_file": v.fro_retained_file,
         "fro_retained_min": v.fro_retained_min,
         "created_at": _iso(v.created_at),
         "rank_rule": v.rank_rule,
@@ -145,14 +148,14 @@ def library_doc(lib: Library) -> dict[str, Any]:
                 "param": active.param if active else None,
                 "bytes_original": _bytes(s, original),
                 "bytes_active": _bytes(s, active),
-                "fro_retained": active.fro_retained_file if active and active.kind == "reduced" else None,
+                "fro_retained_file": active.fro_retained_file if active and active.kind == "reduced" else None,
                 "refused": f"{refusal.cause}: {refusal.reason}" if refusal is not None else None,
             })  # fmt: skip
     for r in lib.refusals():
         if r.lora_id is None:  # a path lorad holds no LoRA for: it refused the file from the start
             rows.append({"id": None, "path": str(r.path), "folder": _root_of(lib.roots, r.path), "active_kind": None,
                          "method": None, "param": None, "bytes_original": None, "bytes_active": None,
-                         "fro_retained": None, "refused": f"{r.cause}: {r.reason}"})  # fmt: skip
+                         "fro_retained_file": None, "refused": f"{r.cause}: {r.reason}"})  # fmt: skip
     folders = [str(root) for root in lib.roots]
     folders += sorted({x["folder"] for x in rows} - set(folders))  # LoRAs of folders no longer watched
     return {

@@ -12,9 +12,9 @@ render_lora(doc), doc = {
   "generated_at": str,
   "lora": {"id": int, "path": str, "folder": str, "policy": str | None},
   "variants": [{"id", "kind": "original"|"reduced", "active": bool, "method", "param", "bytes",
-                "sha256", "autov2", "autov3", "blake3" (or None), "fro_retained" (file, or None),
-                "fro_retained_min", "created_at", "rank_rule", "serve", "servers": [str],
-                "decision": {"activate", "reason", "saving", "fro_retained"} | None}],
+                "sha256", "autov2", "autov3", "blake3" (or None), "fro_retained_file" (or None),
+                "fro_retained_min" (the module min), "created_at", "rank_rule", "serve", "servers": [str],
+                "decision": {"activate", "reason", "saving", "fro_retained_file"} | None}],
   "modules": [{"name", "kind", "rank_in", "rank_out", "fro_retained", "rel_error", "params_in",
                "params_out", "skipped": str | None}],   # of the variant `shown_variant_id`
   "shown_variant_id": int | None,
@@ -25,7 +25,7 @@ render_library(doc), doc = {
   "generated_at": str,
   "folders": [{"path", "loras", "bytes_original", "bytes_active"}],
   "loras": [{"id", "path", "folder", "active_kind", "method", "param", "bytes_original",
-             "bytes_active", "fro_retained" (or None), "refused": str | None}],
+             "bytes_active", "fro_retained_file" (or None), "refused": str | None}],
 }
 """
 
@@ -345,8 +345,8 @@ def _lora_cards(original: Mapping[str, Any] | None, active: Mapping[str, Any] | 
     quality = active if active and active.get("kind") == "reduced" else shown
     if quality is not None:
         label = "active" if quality is active else "not active"
-        cards.append(_card("Retained Frobenius", esc(fmt_fro(quality.get("fro_retained"))),
-                           f"whole file, {esc(_variant_label(quality))} ({label}); weakest module "
+        cards.append(_card("Retained Frobenius", esc(fmt_fro(quality.get("fro_retained_file"))),
+                           f"whole file, {esc(_variant_label(quality))} ({label}); module min "
                            f"{esc(fmt_fro(quality.get('fro_retained_min')))}", "card-fro"))  # fmt: skip
     reduced = [m for m in modules if not m.get("skipped")]
     if modules:
@@ -396,7 +396,7 @@ def _decision_section(variants: list[Mapping[str, Any]], policy: object) -> str:
         ok = bool(d.get("activate"))
         badge = '<span class="badge ok">activated</span>' if ok else '<span class="badge no">not activated</span>'
         now = ' <span class="badge act">active now</span>' if v.get("active") else ""
-        facts = f"saves {esc(fmt_pct(d.get('saving')))}, keeps {esc(fmt_fro(d.get('fro_retained')))} of the file's Frobenius norm"
+        facts = f"saves {esc(fmt_pct(d.get('saving')))}, keeps {esc(fmt_fro(d.get('fro_retained_file')))} of the file's Frobenius norm"
         out.append(f'<div class="decision" id="decision-{int(v["id"])}">{badge}{now} <b>{esc(_variant_label(v))}</b>'
                    f' <span class="muted">· {facts}</span><div class="why">Why: {esc(d.get("reason") or "-")}</div></div>')  # fmt: skip
     return "".join(out) + "</section>"
@@ -407,10 +407,10 @@ def _variants_section(variants: list[Mapping[str, Any]], original: Mapping[str, 
         return ""
     ob = original.get("bytes") if original else None
     extra = any(v.get("rank_rule") or v.get("serve") or v.get("servers") for v in variants)
-    head = ["", "Variant", "Kind", "Method", "Size", "Saving", "Fro retained", "Weakest module"]
+    head = ["", "Variant", "Kind", "Method", "Size", "Saving", "Fro retained (file)", "Module min"]
     head += ["Rank rule", "Servers"] if extra else []
     head += ["Created"]
-    nums = {"Size", "Saving", "Fro retained", "Weakest module"}
+    nums = {"Size", "Saving", "Fro retained (file)", "Module min"}
     rows = []
     for v in variants:
         b = v.get("bytes")
@@ -420,7 +420,7 @@ def _variants_section(variants: list[Mapping[str, Any]], original: Mapping[str, 
             '<span class="badge act">active</span>' if v.get("active") else "",
             f"#{int(v['id'])}", esc(v.get("kind") or "-"), esc(method), _bytes_html(b),
             esc(fmt_pct(save)) if save is not None else "-",
-            esc(fmt_fro(v.get("fro_retained"))), esc(fmt_fro(v.get("fro_retained_min"))),
+            esc(fmt_fro(v.get("fro_retained_file"))), esc(fmt_fro(v.get("fro_retained_min"))),
         ]  # fmt: skip
         if extra:
             rule = " ".join(str(x) for x in (v.get("rank_rule"), v.get("serve") and f"serve {v.get('serve')}") if x)
@@ -739,13 +739,13 @@ def _library_table(loras: list[Mapping[str, Any]]) -> str:
     # (header, numeric?, css class)
     cols = [("ID", True, ""), ("LoRA", False, "name"), ("Folder", False, "folder"), ("Active", False, "nowrap"),
             ("Original", True, ""), ("Now", True, ""), ("Saved", True, ""), ("Saved %", True, ""),
-            ("Fro retained", True, ""), ("Note", False, "note")]  # fmt: skip
+            ("Fro retained (file)", True, ""), ("Note", False, "note")]  # fmt: skip
     rows = []
     for x in sorted(loras, key=lambda x: _natural(str(x.get("path") or ""))):
         bo, ba = x.get("bytes_original"), x.get("bytes_active")
         saved = int(bo) - int(ba) if bo is not None and ba is not None else None
         pct = saving(bo, ba)
-        fro = x.get("fro_retained")
+        fro = x.get("fro_retained_file")
         path = str(x.get("path") or "")
         ident = x.get("id")
         cells = [

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from lorad import __version__
-from lorad.daemon.control.protocol import INT_MAX, VERSION, Code, ControlError
+from lorad.daemon.control.protocol import INT_MAX, LIST_PAGE, VERSION, Code, ControlError
 from lorad.daemon.control.server import Handler, Peer
-from lorad.daemon.control.views import find_json, lora_json, refused_path_json, saved_bytes
+from lorad.daemon.control.views import find_json, lora_json, refused_path_json
 from lorad.engine.formats.safetensors_file import is_complete
 from lorad.errors import StoreError
+from lorad.library import listing
 from lorad.library.hashes import HashQueryError
 
 if TYPE_CHECKING:
@@ -70,8 +71,7 @@ class Methods:
 
     def status(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
         d = self.d
-        loras = [lora_json(v) for v in d.library.loras()]
-        original, active, saved = saved_bytes(loras)
+        totals = d.library.totals()
         counts = d.queue.counts()
         return {
             "version": __version__,
@@ -85,25 +85,44 @@ class Methods:
             "queue": counts,
             "queue_depth": counts["pending"] + counts["running"],
             "running": d.running_jobs(),
-            "loras": len(loras),
-            "original_bytes": original,
-            "active_bytes": active,
-            "saved_bytes": saved,
+            "loras": totals.loras,
+            "original_bytes": totals.original_bytes,
+            "active_bytes": totals.active_bytes,
+            "saved_bytes": totals.saved_bytes,
             "watch": [{"path": str(w.path), "policy": w.policy, "recursive": w.recursive} for w in d.config.watch],
             "watcher_alive": d.watcher.alive(),
             "reconciles": d.watcher.reconciles,
             "pending_files": len(d.watcher.settler.pending()),
             "refused_files": len(d.watcher.refused()),
+            "ingesting": d.watcher.progress.now(),  # {"done", "total"} of the files scans found
+            "files_hashed": d.library.files_hashed,
         }
 
-    def list(self, params: dict[str, Any], peer: Peer) -> list[dict[str, Any]]:
+    def list(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        """One page of the watched LoRAs, then of the paths lorad refused (lorad.library.listing):
+        {"loras", "total" (on the first page; null after), "next" (the cursor to pass as `after`;
+        null on the last page)}."""
         folder = params.get("folder")
-        prefix = self.d.watched(folder) if folder else None
-        loras = [lora_json(v) for v in self.d.library.loras()]
-        loras += [self._refused_json(r) for r in self.d.library.refusals() if r.lora_id is None]
-        if prefix is not None:
-            loras = [x for x in loras if Path(x["path"]) == prefix or prefix in Path(x["path"]).parents]
-        return sorted(loras, key=lambda x: x["path"])
+        limit = LIST_PAGE if params.get("limit") is None else params["limit"]
+        if limit < 1:
+            raise ControlError(Code.BAD_PARAMS, "list: param 'limit' must be at least 1")
+        refusals = {str(r.path): r for r in self.d.library.refusals() if r.lora_id is None}
+        refused = [listing.Refused(path, self._watch_policy(r.path)) for path, r in refusals.items()]
+        try:
+            page = self.d.library.list_page(
+                refused, folder=str(self.d.watched(folder)) if folder else None, policy=params.get("policy"),
+                state=params.get("state"), sort=params["sort"], after=params.get("after"), limit=min(limit, LIST_PAGE),
+            )  # fmt: skip
+        except ValueError as e:
+            raise ControlError(Code.BAD_PARAMS, f"list: {e}") from None
+        views = {v.id: v for v in self.d.library.loras([e.id for e in page.entries if e.id is not None])}
+        loras = []
+        for entry in page.entries:
+            if entry.id is None:
+                loras.append({**self._refused_json(refusals[entry.path]), "state": entry.state})
+            elif entry.id in views:
+                loras.append({**lora_json(views[entry.id]), "state": entry.state})
+        return {"loras": loras, "total": page.total, "next": page.next}
 
     def show(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
         refused = self._refused_only(params["target"])
@@ -230,6 +249,10 @@ class Methods:
     def _refused_json(self, r: Any) -> dict[str, Any]:
         watch = self.d.config.watch_for(r.path)
         return refused_path_json(r, watch.path if watch else r.path.parent, watch.policy if watch else None)
+
+    def _watch_policy(self, path: Path) -> str | None:
+        watch = self.d.config.watch_for(path)
+        return watch.policy if watch else None
 
     def _refused_only(self, target: int | str) -> dict[str, Any] | None:
         """`show` of a watched path lorad refused and holds no LoRA for: the refusal. Looked up

@@ -38,6 +38,11 @@ MAX_DEPTH = 8  # a request is two deep ({"params": {...}}); no param is a contai
 MAX_ID_CHARS = 128
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 PATH_MAX, NAME_MAX = 4096, 255  # Linux's limits in bytes: past them every syscall fails anyway
+# `list` answers a page of at most this many LoRAs (under 2 MB of JSON) and the cursor of the
+# next, so no reply grows with the library; a client follows `next` until it is null.
+LIST_PAGE = 2000
+LIST_STATES = ("original", "reduced", "refused")  # as lorad.library.listing has them
+LIST_SORTS = ("name", "saved", "size", "date")
 
 
 class Code:
@@ -74,6 +79,7 @@ class Param:
     required: bool = False
     default: Any = None
     path: bool = False  # a string here names a file: see the module docstring
+    choices: tuple[str, ...] = ()  # the values a string may take (none given: any)
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,13 @@ METHODS: dict[str, MethodSpec] = dict(
     [
         _spec("hello", False, "protocol and daemon version"),
         _spec("status", False, "queue depth, the running job, device, space saved"),
-        _spec("list", False, "watched LoRAs and their variants", Param("folder", str, path=True)),
+        _spec(
+            "list", False, f"watched LoRAs and their variants, a page of at most {LIST_PAGE} at a time: "
+            "folder, policy, state (original|reduced|refused) filter, sort is name|saved|size|date, "
+            "after is the `next` of the page before",
+            Param("folder", str, path=True), Param("policy", str), Param("state", str, choices=LIST_STATES),
+            Param("sort", str, default="name", choices=LIST_SORTS), Param("after", str), Param("limit", int),
+        ),  # fmt: skip
         _spec("show", False, "one LoRA by path or id", Param("target", (str, int), required=True, path=True)),
         _spec("find", False, "the LoRAs and variants a hash names (sha256 or a prefix, AutoV2, AutoV3, "
               "sshs_model_hash, BLAKE3, or a sidecar's claim)", Param("hash", str, required=True)),
@@ -193,6 +205,8 @@ def validate_params(spec: MethodSpec, params: dict[str, Any], rid: int | str | N
         problem = _int_problem(value) if isinstance(value, int) and not isinstance(value, bool) else None
         if isinstance(value, str):
             problem = _path_problem(value) if p.path else _text_problem(value)
+            if not problem and p.choices and value not in p.choices:
+                problem = f"must be one of {', '.join(p.choices)}, got {value!r}"
         if problem:
             raise RequestError(rid, Code.BAD_PARAMS, f"{spec.name}: param {p.name!r} {problem}")
         clean[p.name] = value

@@ -12,7 +12,10 @@ def variant_json(v: Any, active_id: int | None) -> dict[str, Any]:
         "method": v.method,
         "param": v.param,
         "bytes": v.bytes,
-        "fro_retained": v.fro_retained_mean,
+        # One quality figure, named as in the engine's report, the decision and the HTML report:
+        # the whole file's (energy-weighted); the module mean and min are named as what they are.
+        "fro_retained_file": v.fro_retained_file,
+        "fro_retained_mean": v.fro_retained_mean,
         "fro_retained_min": v.fro_retained_min,
         "active": v.id == active_id,
         "sha256": v.blob_sha256,

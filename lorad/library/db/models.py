@@ -145,6 +145,9 @@ class Blob(Base):
     sshs_model_hash: Mapped[str | None] = mapped_column(Text)  # as the file's metadata claims it
     sshs_legacy_hash: Mapped[str | None] = mapped_column(Text)
     blake3: Mapped[str | None] = mapped_column(String(64), index=True)  # InvokeAI's id for a model file
+    # The LoRA modules' ranks, from the header (a tree's: its weights file's), so that listing reads
+    # no file; None: stored before lorad recorded them, or not a LoRA file (a tree's config).
+    ranks: Mapped[list[int] | None] = mapped_column(JSON)
     # "file": the bytes of one file; "tree": a folder, its entries listed in tree_entries
     kind: Mapped[str] = mapped_column(String(16), default="file", server_default="file")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -43,6 +43,7 @@ class BlobRecord:
     sshs_legacy_hash: str | None
     blake3: str | None = None
     kind: str = "file"  # "tree": a folder's manifest, its entries in tree_entries
+    ranks: tuple[int, ...] | None = None  # its LoRA modules' ranks (a tree's: its weights file's)
 
 
 # -- loras -----------------------------------------------------------------------------------------
@@ -91,12 +92,28 @@ def ensure_blob(s: Session, record: BlobRecord) -> Blob:
             sshs_legacy_hash=record.sshs_legacy_hash,
             blake3=record.blake3,
             kind=record.kind,
+            ranks=_ranks_column(record.ranks),
         )
         s.add(blob)
         s.flush()
-    elif blob.blake3 is None and record.blake3 is not None:
-        blob.blake3 = record.blake3  # recorded before lorad computed BLAKE3; the same bytes came again
+        return blob
+    # Recorded before lorad computed these; the same bytes came again.
+    if blob.blake3 is None and record.blake3 is not None:
+        blob.blake3 = record.blake3
+    if blob.ranks is None and record.ranks is not None:
+        blob.ranks = _ranks_column(record.ranks)
     return blob
+
+
+def _ranks_column(ranks: tuple[int, ...] | None) -> list[int] | None:
+    return None if ranks is None else list(ranks)
+
+
+def set_blob_ranks(s: Session, ranks: dict[str, tuple[int, ...]]) -> None:
+    """Record the ranks read from the headers of blobs stored before lorad recorded them."""
+    for blob in s.scalars(select(Blob).where(Blob.sha256.in_(list(ranks)))):
+        blob.ranks = list(ranks[blob.sha256])
+    s.flush()
 
 
 def all_blobs(s: Session) -> Sequence[Blob]:
