@@ -118,6 +118,24 @@ def test_factored_svd_handles_rank_above_the_layer_dims():
     assert torch.allclose((Uk * Sk) @ Vk.T, up[0] @ down[0], atol=1e-4)
 
 
+def test_tiny_kept_singular_values_still_give_orthonormal_vectors():
+    """Kept singular values down to 1e-6 of the largest still give orthonormal vectors and an exact
+    rebuild; a zero update has no V from the Gram route (0 / 0) and takes the SVD's vectors."""
+    g = torch.Generator().manual_seed(5)
+    qb = torch.linalg.qr(torch.randn(80, 4, generator=g, dtype=torch.float64))[0]
+    qa = torch.linalg.qr(torch.randn(60, 4, generator=g, dtype=torch.float64))[0]
+    s = torch.tensor([1.0, 1e-2, 1e-4, 1e-6], dtype=torch.float64)
+    ups = torch.stack([(qb * s).float(), torch.zeros(80, 4)])
+    downs = torch.stack([qa.T.float(), torch.zeros(4, 60)])
+    svd = factored_svd(ups, downs, torch.ones(2))
+    Uk, Sk, Vk = svd.truncate(0, 4)
+    assert torch.allclose(Vk.T @ Vk, torch.eye(4), atol=1e-6) and torch.allclose(Uk.T @ Uk, torch.eye(4), atol=1e-6)
+    dense = ups[0] @ downs[0]
+    assert float((dense - (Uk * Sk) @ Vk.T).norm() / dense.norm()) < 1e-6
+    Uz, Sz, Vz = svd.truncate(1, 2)
+    assert torch.isfinite(Uz).all() and torch.isfinite(Vz).all() and float(Sz.abs().max()) == 0.0
+
+
 def test_project_reports_its_real_error(tmp_path):
     src = lf.kohya_file(tmp_path / "k.safetensors")
     report = reduce_file(src, tmp_path / "p.safetensors", ReduceSettings("project", 4))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import torch
@@ -26,7 +27,12 @@ from lorad.engine.report import ModuleReport
 from lorad.errors import FormatError
 
 Progress = Callable[[int, int], None]
-BATCH_BYTES = 96 << 20  # float32 factor bytes decomposed at once; bounds peak memory per batch
+# float32 factor bytes decomposed at once. On the CPU a batch's factors, their QR's copies and the
+# heap they leave behind are what a file's reduction adds to torch and the output: the SDXL r128
+# file peaks near 0.47 GB at 8 MiB, 0.5 GB at 16 and 0.54 GB at 32, in no more CPU time. A GPU
+# keeps its bigger batches (fewer, larger kernels).
+BATCH_BYTES = 8 << 20
+GPU_BATCH_BYTES = 96 << 20
 # Test hook: decomposing a batch of more than N modules raises a (fake) out-of-memory on the first
 # device tried, as a full GPU would. Unset in any real deployment.
 FAKE_OOM_ENV = "LORAD_TEST_FAKE_OOM"
@@ -36,13 +42,14 @@ class DeviceOutOfMemory(Exception):
     """A single module does not fit on the device: the file must be redone on the CPU."""
 
 
-def batches(source: LoraSource) -> Iterator[list[Module]]:
-    """Same (out, in, rank) modules together, each batch under BATCH_BYTES of float32 factors."""
+def batches(source: LoraSource, batch_bytes: int = BATCH_BYTES, minimum: int = 1) -> Iterator[list[Module]]:
+    """Same (out, in, rank) modules together, each batch under batch_bytes of float32 factors
+    unless it takes more to hold `minimum` modules."""
     groups: dict[tuple[int, int, int], list[Module]] = {}
     for m in source.reducible:
         groups.setdefault((m.out_features, m.in_features, m.rank), []).append(m)
     for (out, inp, r), members in groups.items():
-        per = max(1, BATCH_BYTES // (4 * r * (out + inp)))
+        per = max(minimum, batch_bytes // (4 * r * (out + inp)))
         for i in range(0, len(members), per):
             yield members[i : i + per]
 
@@ -61,45 +68,76 @@ def _load(reader: Reader, batch: list[Module], device: torch.device) -> tuple[to
     return up.to(device), down.to(device), scale.to(device)
 
 
-def _decompose(reader: Reader, batch: list[Module], fn: Callable, *args: torch.Tensor):
-    """Run a decomposition; NaN or Inf in the factors surfaces there, cheaply, and is named then."""
-    try:
-        return fn(*args)
-    except NonFiniteError:
-        reader.check_finite(batch)
-        raise
-
-
 def fake_oom_limit() -> int | None:
     value = os.environ.get(FAKE_OOM_ENV)
     return int(value) if value not in (None, "") else None
 
 
+def _parts(batch: list[Module], count: int) -> list[list[Module]]:
+    """The batch cut into `count` near-equal runs (fewer where it has fewer modules)."""
+    count = max(1, min(count, len(batch)))
+    bounds = [len(batch) * i // count for i in range(count + 1)]
+    return [batch[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
 class Decomposer:
-    """Yields (batch, up, down, result) for every batch of a file, halving batches on OOM."""
+    """Yields (modules, fn(modules, up, down, scale)) for every part of every batch of a file,
+    halving batches on OOM.
+
+    On the CPU each batch is cut into one part per torch thread, and each part is loaded and
+    decomposed in a thread of its own running torch on one thread. torch's batched linear algebra
+    on the CPU loops over the batch, and MKL's threads inside one 128-wide QR or eigh cost more than
+    they give (a batch of geqrf takes longer on two threads than on one): threads over the batch
+    are what use the cores. Whatever fn keeps is all that outlives a part: factors, reflectors and
+    cores are freed in the thread that made them.
+    """
 
     def __init__(self, source: LoraSource, device: torch.device, notes: list[str], fake_oom: int | None = None):
         self.source, self.device, self.notes, self.fake_oom = source, device, notes, fake_oom
+        self.threads = torch.get_num_threads() if device.type == "cpu" else 1
 
-    def run(self, reader: Reader, fn: Callable | None) -> Iterator[tuple[list[Module], torch.Tensor, torch.Tensor, object]]:
-        pending = list(batches(self.source))
-        while pending:
-            batch = pending.pop(0)
-            try:
-                if self.fake_oom is not None and len(batch) > self.fake_oom:
-                    raise torch.OutOfMemoryError(f"{FAKE_OOM_ENV}: a batch of {len(batch)} modules")
-                up, down, scale = _load(reader, batch, self.device)
-                result = _decompose(reader, batch, fn, up, down, scale) if fn is not None else None
-            except torch.OutOfMemoryError as e:
-                self._release()
-                if len(batch) == 1:
-                    raise DeviceOutOfMemory(f"{batch[0].name} alone does not fit on {self.device}: {e}") from None
-                half = len(batch) // 2
-                self.notes.append(f"out of memory: a batch of {len(batch)} modules did not fit on {self.device}; "
-                                  f"retried in batches of {half} and {len(batch) - half}")
-                pending[0:0] = [batch[:half], batch[half:]]
-                continue
-            yield batch, up, down, result
+    def run(self, reader: Reader, fn: Callable) -> Iterator[tuple[list[Module], object]]:
+        cpu = self.device.type == "cpu"
+        # one module per thread at least: the largest modules would run alone on one core otherwise
+        pending = list(batches(self.source, BATCH_BYTES if cpu else GPU_BATCH_BYTES, self.threads))
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="lorad-decompose") as pool:
+            while pending:
+                batch = pending.pop(0)
+                try:
+                    if self.fake_oom is not None and len(batch) > self.fake_oom:
+                        raise torch.OutOfMemoryError(f"{FAKE_OOM_ENV}: a batch of {len(batch)} modules")
+                    parts = _parts(batch, self.threads)
+                    results = self._map(pool, reader, fn, parts)
+                except torch.OutOfMemoryError as e:
+                    self._release()
+                    if len(batch) == 1:
+                        raise DeviceOutOfMemory(f"{batch[0].name} alone does not fit on {self.device}: {e}") from None
+                    half = len(batch) // 2
+                    self.notes.append(f"out of memory: a batch of {len(batch)} modules did not fit on {self.device}; "
+                                      f"retried in batches of {half} and {len(batch) - half}")
+                    pending[0:0] = [batch[:half], batch[half:]]
+                    continue
+                yield from zip(parts, results)
+
+    def _map(self, pool: ThreadPoolExecutor, reader: Reader, fn: Callable, parts: list[list[Module]]) -> list:
+        if len(parts) == 1:
+            return [self._part(reader, fn, parts[0])]
+        try:
+            return list(pool.map(lambda part: self._part(reader, fn, part, one_thread=True), parts))
+        finally:
+            # torch.set_num_threads is per thread, but also sets the count that threads torch has not
+            # seen yet start with: give that back
+            torch.set_num_threads(self.threads)
+
+    def _part(self, reader: Reader, fn: Callable, part: list[Module], one_thread: bool = False) -> object:
+        if one_thread:
+            torch.set_num_threads(1)
+        up, down, scale = _load(reader, part, self.device)
+        try:
+            return fn(part, up, down, scale)
+        except NonFiniteError:  # NaN or Inf surfaces in the decomposition, cheaply, and is named here
+            reader.check_finite(part)
+            raise
 
     def _release(self) -> None:
         if self.device.type == "cuda":
@@ -136,7 +174,7 @@ def _lycoris_as_lora(reader: Reader, m: Module) -> tuple[Module, torch.Tensor] |
 
 
 def _reduce_spectrum(up: torch.Tensor, down: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The spectrum exactly as `reduce` computes it. svdvals and svd differ in the last digits, and
+    """The spectrum exactly as `reduce` computes it. eigvalsh and eigh differ in the last digits, and
     where a module's retained ratio sits on the method's threshold that decides its rank: a plan
     must choose what the reduction will."""
     return factored_svd(up, down, scale).S
@@ -176,8 +214,8 @@ class Job:
     def spectra(self, fn: Callable = singular_values) -> Iterator[tuple[Module, torch.Tensor]]:
         """Every reducible module's singular values (the R factors suffice)."""
         with Reader(self.source) as reader:
-            for batch, _up, _down, S in self.decomposer.run(reader, fn):
-                yield from zip(batch, S.cpu())  # type: ignore[union-attr]
+            for part, S in self.decomposer.run(reader, lambda _part, *factors: fn(*factors)):
+                yield from zip(part, S.cpu())  # type: ignore[attr-defined]
 
     def plan(self, spectra: dict[str, torch.Tensor] | None = None) -> dict[str, ModuleReport]:
         """Reports from the spectra alone; `spectra` when already computed (a budget's pass 1)."""
@@ -194,13 +232,15 @@ class Job:
         reports, outputs = {}, {}
         project = self.settings.method == "project"
         with Reader(self.source) as reader:
-            for batch, up, down, svd in self.decomposer.run(reader, None if project else factored_svd):
+
+            def reduced(part: list[Module], up: torch.Tensor, down: torch.Tensor, scale: torch.Tensor) -> list[tuple]:
                 if project:
-                    reader.check_finite(batch)  # no decomposition to notice NaN or Inf for us
-                    results = self._project(batch, up, down)
-                else:
-                    results = self._truncate(batch, svd)
-                for m, k, out_up, out_down, quality in results:
+                    reader.check_finite(part)  # no decomposition to notice NaN or Inf for us
+                    return list(self._project(part, up, down))
+                return list(self._truncate(part, factored_svd(up, down, scale)))
+
+            for _part, results in self.decomposer.run(reader, reduced):
+                for m, k, out_up, out_down, quality in results:  # type: ignore[attr-defined]
                     outputs[m.name] = writer.ModuleOutput(m, k, out_up, out_down, self._bias(reader, m, k))
                     reports[m.name] = self._report(m, k, quality)
                     self._tick()

@@ -20,7 +20,7 @@ from lorad.engine import readback
 from lorad.engine._job import DeviceOutOfMemory, Job, Progress, fake_oom_limit
 from lorad.engine.formats import encode, writer
 from lorad.engine.formats.lora import LoraSource, Module, most_common, open_lora
-from lorad.engine.formats.safetensors_file import file_hashes
+from lorad.engine.formats.safetensors_file import RawTensor, file_hashes
 from lorad.engine.reduce import budget as budget_mod
 from lorad.engine.reduce import rank_rules, select
 from lorad.engine.report import FileInfo, ModuleReport, Report, Spectrum
@@ -204,8 +204,8 @@ def _largest_spectra(spectra: dict[str, torch.Tensor], reports: dict[str, Module
 
 def _write(source: LoraSource, outputs: dict, enc: encode.Encoding, dst: Path,
            provenance: dict[str, str], reports: dict[str, ModuleReport]) -> writer.Written:
-    def check(written: Path) -> None:
-        readback.check_written(source, written, reports, outputs, enc)
+    def check(written: Path, data: dict[str, RawTensor]) -> None:
+        readback.check_written(source, written, reports, outputs, enc, data)
 
     try:
         return writer.write_lora(source, outputs, enc, dst, provenance, check)

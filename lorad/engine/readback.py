@@ -13,6 +13,11 @@ from what the report says is never published. Checked, module by module:
     measured exactly (float64 Gram products, never the out x in matrix) for every module of a small
     file and for a spread sample of a large one (the cost is the size of the decomposition itself);
   - a lora_B.bias still adds scale * bias as before.
+
+Without a second pass over the output: the header, the alphas and the config are read from disk as
+a loader reads them, and every module's factors are found where that header says, in the data the
+writer wrote (still in memory); the sampled modules' factors are also read from disk and must be
+those same bytes.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import torch
 
 from lorad.engine.formats import scales
 from lorad.engine.formats.encode import Encoding
-from lorad.engine.formats.lora import LoraSource, Module, Reader, open_lora
+from lorad.engine.formats.lora import FLOAT_DTYPES, LoraSource, Module, Reader, open_lora
+from lorad.engine.formats.safetensors_file import Header, RawTensor
 from lorad.engine.formats.writer import ModuleOutput
 from lorad.engine.report import ModuleReport
 from lorad.errors import ReduceError
@@ -39,8 +45,10 @@ MEASURE_ALL_UP_TO = 64  # modules; above it, a sample of this many is measured a
 
 
 def check_written(source: LoraSource, written: Path, reports: dict[str, ModuleReport],
-                  outputs: dict[str, ModuleOutput], enc: Encoding) -> None:
-    """Raise ReduceError naming the first way `written` would be read differently from `reports`."""
+                  outputs: dict[str, ModuleOutput], enc: Encoding, data: dict[str, RawTensor]) -> None:
+    """Raise ReduceError naming the first way `written` would be read differently from `reports`.
+
+    data: the tensors the writer wrote into `written`'s safetensors file, in the order written."""
     try:
         out = open_lora(written)
     except ReduceError:
@@ -53,9 +61,9 @@ def check_written(source: LoraSource, written: Path, reports: dict[str, ModuleRe
     problems += _configs(out)
     problems += _scales(before, after, reports)
     if not problems:
-        problems = _contents(out, after, outputs, enc)
+        problems = _contents(_WrittenData(out.header, data), after, outputs, enc)
     if not problems:
-        problems = _errors(source, out, before, after, reports)
+        problems = _errors(source, out, before, after, reports, outputs)
     if problems:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise _mismatch(shown)
@@ -108,19 +116,52 @@ def _scales(before: dict[str, Module], after: dict[str, Module], reports: dict[s
     return problems
 
 
-def _contents(out: LoraSource, after: dict[str, Module], outputs: dict[str, ModuleOutput], enc: Encoding) -> list[str]:
+class _WrittenData:
+    """A written file's tensors as its own header locates them, in the data the writer wrote."""
+
+    def __init__(self, header: Header, data: dict[str, RawTensor]):
+        self.header = header
+        self.at: dict[int, RawTensor] = {}
+        offset = 0
+        for t in data.values():
+            self.at[offset] = t
+            offset += len(t.data)
+
+    def tensor(self, key: str) -> torch.Tensor | None:
+        """None where the header points at no written tensor of its size."""
+        entry = self.header.tensors[key]
+        t = self.at.get(entry.start)
+        if t is None or len(t.data) != entry.nbytes or entry.dtype not in FLOAT_DTYPES:
+            return None
+        if entry.nbytes == 0:
+            return torch.empty(entry.shape, dtype=FLOAT_DTYPES[entry.dtype])
+        return torch.frombuffer(t.data, dtype=FLOAT_DTYPES[entry.dtype]).reshape(entry.shape)
+
+
+def _contents(written: _WrittenData, after: dict[str, Module], outputs: dict[str, ModuleOutput],
+              enc: Encoding) -> list[str]:
     """The file holds the very factors the metrics were computed on, read at the scale they assumed."""
     problems = []
-    with Reader(out) as reader:
-        for name, o in outputs.items():
-            m = after[name]
-            assumed = enc.loader_scale(o.rank)
-            if abs(m.scale - assumed) > 1e-6 * abs(assumed):
-                problems.append(f"{name}: read at scale {m.scale:.6g}, its factors were folded for {assumed:.6g}")
-            up, down = reader.factors(m)
-            if not (torch.equal(up, o.up.reshape(up.shape)) and torch.equal(down, o.down.reshape(down.shape))):
-                problems.append(f"{name}: the file holds other factors than were computed")
+    for name, o in outputs.items():
+        m = after[name]
+        assumed = enc.loader_scale(o.rank)
+        if abs(m.scale - assumed) > 1e-6 * abs(assumed):
+            problems.append(f"{name}: read at scale {m.scale:.6g}, its factors were folded for {assumed:.6g}")
+        up, down = written.tensor(m.keys["up"]), written.tensor(m.keys["down"])
+        if not (_same(up, o.up) and _same(down, o.down)):
+            problems.append(f"{name}: the file holds other factors than were computed")
     return problems
+
+
+def _same(read: torch.Tensor | None, computed: torch.Tensor) -> bool:
+    """Bit for bit (torch.equal on the values would let -0.0 pass for 0.0, and is slow on float16)."""
+    return read is not None and read.dtype == computed.dtype and read.shape == computed.shape \
+        and torch.equal(_words(read), _words(computed))
+
+
+def _words(t: torch.Tensor) -> torch.Tensor:
+    flat = t.contiguous().reshape(-1).view(torch.uint8)
+    return flat.view(torch.int64) if flat.numel() % 8 == 0 and flat.storage_offset() % 8 == 0 else flat
 
 
 def _sample(names: list[str], size: int) -> list[str]:
@@ -131,7 +172,7 @@ def _sample(names: list[str], size: int) -> list[str]:
 
 
 def _errors(source: LoraSource, out: LoraSource, before: dict[str, Module], after: dict[str, Module],
-            reports: dict[str, ModuleReport]) -> list[str]:
+            reports: dict[str, ModuleReport], outputs: dict[str, ModuleOutput]) -> list[str]:
     problems = []
     names = [n for n, r in reports.items() if r.skipped is None and n in before and "up" in before[n].keys]
     # (a module rebuilt from LoHa/LoKr has no up/down to compare: its dense dW is the engine's check)
@@ -139,7 +180,13 @@ def _errors(source: LoraSource, out: LoraSource, before: dict[str, Module], afte
         for name in _sample(names, MEASURE_ALL_UP_TO):
             report = reports[name]
             old, new = before[name], after[name]
-            measured = _rel_error(old_reader, old, new_reader, new)
+            up, down = new_reader.tensor(new.keys["up"]), new_reader.tensor(new.keys["down"])
+            written = outputs.get(name)
+            if written is not None and not (_same(up, written.up) and _same(down, written.down)):
+                problems.append(f"{name}: the file on disk holds other factors than were written")
+                continue
+            new_factors = up.reshape(new.out_features, new.rank), down.reshape(new.rank, new.in_features)
+            measured = _rel_error(old_reader.factors(old), old.scale, new_factors, new.scale)
             if not measured <= report.rel_error * (1 + _REL_TOL) + _ABS_TOL:
                 problems.append(f"{name}: measured error {measured:.6g} against the original, "
                                 f"reported {report.rel_error:.6g}")
@@ -147,11 +194,11 @@ def _errors(source: LoraSource, out: LoraSource, before: dict[str, Module], afte
     return problems
 
 
-def _rel_error(old_reader: Reader, old: Module, new_reader: Reader, new: Module) -> float:
-    """||s B A - s' B' A'|| / ||s B A|| from Gram products: T - 2C + W, all in float64."""
-    b, a = (t.to(torch.float64) for t in old_reader.factors(old))
-    b2, a2 = (t.to(torch.float64) for t in new_reader.factors(new))
-    s, s2 = old.scale, new.scale
+def _rel_error(old: tuple[torch.Tensor, torch.Tensor], s: float, new: tuple[torch.Tensor, torch.Tensor],
+               s2: float) -> float:
+    """||s B A - s2 B2 A2|| / ||s B A|| from Gram products: T - 2C + W, all in float64."""
+    b, a = (t.to(torch.float64) for t in old)
+    b2, a2 = (t.to(torch.float64) for t in new)
     total = s * s * float(((b.T @ b) * (a @ a.T)).sum())
     if total <= 0.0:
         return 0.0

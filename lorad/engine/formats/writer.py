@@ -216,24 +216,25 @@ def write_lora(
     enc: Encoding,
     dst: Path,
     provenance: dict[str, str],
-    check: Callable[[Path], None] = lambda _written: None,
+    check: Callable[[Path, dict[str, RawTensor]], None] = lambda _written, _data: None,
 ) -> Written:
-    """Write `dst` atomically; `check(temp path)` runs on the complete temp file or folder before
-    it is renamed into place, and may refuse it by raising (then nothing is left behind)."""
+    """Write `dst` atomically; `check(temp path, the tensors written)` runs on the complete temp file
+    or folder before it is renamed into place, and may refuse it by raising (then nothing is left
+    behind). The tensors are handed over so that the check need not read the data back."""
     tensors = build_tensors(source, outputs, enc)
     meta = build_metadata(source, outputs, enc, provenance)
     hashes = source.format != "peft"
     if source.peft_config is None:
         with replacing(dst) as tmp:
             size, sha = write_safetensors(tmp, tensors, meta, hashes)
-            check(tmp)
+            check(tmp, tensors)
         return Written(dst, dst, size, sha)
     with replacing(dst) as tmp:
         tmp.mkdir()
         _copy_side_files(source.path, tmp)
         size, sha = write_safetensors(tmp / PEFT_WEIGHTS, tensors, meta, hashes)
         _write_json(tmp / PEFT_CONFIG, _peft_config(source, outputs, enc))
-        check(tmp)
+        check(tmp, tensors)
     return Written(dst, dst / PEFT_WEIGHTS, size, sha)
 
 
