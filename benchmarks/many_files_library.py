@@ -148,7 +148,7 @@ def main() -> int:
     args = ap.parse_args()
     n = args.files
 
-    tmp = Path(tempfile.mkdtemp(prefix="lorad-many-"))
+    tmp = Path(tempfile.mkdtemp(prefix="lorad-library-"))
     config = write_config(tmp)
     sock = tmp / "run" / "lorad.sock"
     staging, watched = tmp / "staging", tmp / "loras"

@@ -8,7 +8,10 @@ from pathlib import Path
 
 from lorad.daemon.config import default_config, load_config, with_overrides
 from lorad.errors import LoradError
-from lorad.log import FORMATS, configure
+
+# lorad.log.FORMATS: lorad.log is imported when the daemon runs, not here, since structlog (and the
+# rich it loads) would add a tenth of a second to every `lorad` command, `lorad list` included.
+LOG_FORMATS = ("auto", "json", "console")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,13 +26,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="watch this folder with the default policy (repeatable)")  # fmt: skip
     p.add_argument("--state-dir", type=Path, help="store, database and temp files (overrides the config)")
     p.add_argument("--socket", type=Path, help="control socket path (overrides the config)")
-    p.add_argument("--log-format", choices=FORMATS, default="auto",
+    p.add_argument("--log-format", choices=LOG_FORMATS, default="auto",
                    help="json: one object per line (default under systemd); console: for people")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=daemon_command)
 
 
 def daemon_command(args: argparse.Namespace) -> int:
+    from lorad.log import configure
+
     configure(args.log_format, args.log_level)
     if args.config:
         config = with_overrides(load_config(args.config), watch=args.watch, state_dir=args.state_dir, socket=args.socket)

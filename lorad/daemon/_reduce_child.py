@@ -38,6 +38,7 @@ from typing import Any
 # Test hook (like store.py's crash points): seconds to pause after each module, so end-to-end tests
 # can act on a job that is surely still running. Unset in any real deployment.
 MODULE_DELAY_ENV = "LORAD_TEST_MODULE_DELAY"
+PROGRESS_EVERY = 0.1  # seconds between progress messages, at most
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 _PR_SET_PDEATHSIG = 1
@@ -151,9 +152,16 @@ def run(spec: dict[str, Any], channel: _Channel) -> None:
     from lorad.engine.engine import ReduceSettings, reduce_file
 
     delay = float(os.environ.get(MODULE_DELAY_ENV) or 0)
+    last = 0.0
 
     def progress(done: int, total: int) -> None:
-        channel.send("progress", done=done, total=total)
+        # The first module, then at most every PROGRESS_EVERY: each message wakes the daemon's
+        # worker thread, which then waits its turn for the GIL behind the ingest of new files.
+        nonlocal last
+        now = time.monotonic()
+        if done <= 1 or now - last >= PROGRESS_EVERY:
+            channel.send("progress", done=done, total=total)
+            last = now
         if delay:
             time.sleep(delay)
 

@@ -6,13 +6,14 @@ The daemon's control methods and the CLI turn these into JSON and tables.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, Text, func, select, type_coerce
 from sqlalchemy.orm import Session
 
 from lorad.engine.reduce.rank_rules import servers_met
@@ -82,7 +83,10 @@ class LoraView:
     mirror: Path | None = None  # mirror mode: where the active variant is (the path keeps the original)
 
     def variant(self, variant_id: int | None) -> VariantView | None:
-        return next((v for v in self.variants if v.id == variant_id), None)
+        for v in self.variants:
+            if v.id == variant_id:
+                return v
+        return None
 
     @property
     def active(self) -> VariantView | None:
@@ -205,21 +209,24 @@ def lora_views(s: Session, ids: Sequence[int] | None = None, header_ranks: Heade
     recorded them (the library reads its header, and records what it read).
     """
     db = s.connection()  # plain Core rows: the ORM's result machinery doubles the cost of thousands
-    columns = (Lora.id, Lora.path, Lora.folder, Lora.policy, Lora.active_variant_id, Lora.original_variant_id,
-               Lora.kind, Lora.mirror_path)  # fmt: skip
-    if ids is None:
-        loras = db.execute(select(*columns).order_by(Lora.id)).all()
-    else:
-        found = {row[0]: row for chunk in _chunks(ids) for row in db.execute(select(*columns).where(Lora.id.in_(chunk)))}
-        loras = [found[i] for i in ids if i in found]
-    variants = _variant_rows(db, None if ids is None else [row[0] for row in loras])
-    metrics = _metric_ranks(db, [v[_ID] for rows in variants.values() for v in rows if v[_KIND] == "reduced"])
-    refusals = _refusals_at(s, [row[1] for row in loras])
+    query = (select(*_LORA_COLUMNS, *(_column(name) for name in _FIELDS))
+             .outerjoin(Refusal, Refusal.path == Lora.path).outerjoin(Variant, Variant.lora_id == Lora.id)
+             .outerjoin(Blob, Blob.sha256 == Variant.blob_sha256).order_by(Lora.id, Variant.id))  # fmt: skip
+    queries = [query] if ids is None else [query.where(Lora.id.in_(chunk)) for chunk in _chunks(ids)]
+    loras: dict[int, tuple[Any, list[list[Any]]]] = {}  # id: (its own columns, its variants' rows)
+    for q in queries:
+        for row in db.execute(q):
+            lora_id = row[0]
+            if lora_id not in loras:
+                loras[lora_id] = (row[:_LORA_WIDTH], [])
+            if row[_LORA_WIDTH] is not None:  # (a LoRA with no variant yet: none)
+                loras[lora_id][1].append(list(row[_LORA_WIDTH:]))
+    metrics = _metric_ranks(db, [v[_ID] for _, rows in loras.values() for v in rows if v[_KIND] == "reduced"])
     folders: dict[str, Path] = {}  # a few watched roots, shared by thousands of LoRAs
     read: dict[str, tuple[int, ...] | None] = {}
     views = []
-    for lora_id, path, folder, policy, active_id, original_id, kind, mirror in loras:
-        rows = variants.get(lora_id, [])
+    for lora_id in loras if ids is None else (i for i in ids if i in loras):
+        (_, path, folder, policy, active_id, original_id, kind, mirror, *refusal), rows = loras[lora_id]
         variant_views = []
         for v in rows:
             ranks = _ranks(v, rows, metrics)
@@ -230,43 +237,47 @@ def lora_views(s: Session, ids: Sequence[int] | None = None, header_ranks: Heade
                 ranks = read[sha]
             v[_RANKS] = ranks
             variant_views.append(VariantView(*v))
-        refusal = refusals.get(path)
         if folder not in folders:
             folders[folder] = Path(folder)
+        refused_since = refusal[2]
         views.append(LoraView(
             id=lora_id, path=Path(path), folder=folders[folder], policy=policy, active_variant_id=active_id,
             original_variant_id=original_id, variants=tuple(variant_views),
-            refused=RefusalView(Path(refusal.path), refusal.cause, refusal.reason, refusal.first_seen,
-                                refusal.last_seen, lora_id) if refusal is not None else None,
+            refused=RefusalView(Path(path), *refusal, lora_id) if refused_since is not None else None,
             kind=kind, mirror=Path(mirror) if mirror else None,
         ))  # fmt: skip
     return views
 
 
+_LORA_COLUMNS = (Lora.id, Lora.path, Lora.folder, Lora.policy, Lora.active_variant_id, Lora.original_variant_id,
+                 Lora.kind, Lora.mirror_path, Refusal.cause, Refusal.reason, Refusal.first_seen, Refusal.last_seen)  # fmt: skip
+_LORA_WIDTH = len(_LORA_COLUMNS)
 # A variant view's fields are Variant's columns of the same names, but for its blob's bytes and
 # ranks (its own as recorded for the blob, until _ranks says better); `details` (spectra, notes:
 # the report's) stays in the database. Selected in the view's field order, so a row makes a view.
 _FIELDS = tuple(f.name for f in fields(VariantView))
 _ID, _KIND, _BLOB, _SOURCE, _RANKS = (_FIELDS.index(n) for n in ("id", "kind", "blob_sha256", "source_variant_id", "ranks"))
-_LORA = _FIELDS.index("lora_id")
 
 
 def _column(name: str) -> Any:
     if name == "bytes":
         return func.coalesce(Blob.bytes, 0)
-    return Blob.ranks if name == "ranks" else getattr(Variant, name)
+    if name == "ranks":  # as stored: a library has few distinct ones, each parsed once (_blob_ranks)
+        return type_coerce(Blob.ranks, Text)
+    return getattr(Variant, name)
 
 
-def _variant_rows(db: Connection, lora_ids: Sequence[int] | None) -> dict[int, list[list[Any]]]:
-    """Per LoRA, its variants' rows (lists in the view's field order), by id."""
-    query = (select(*(_column(name) for name in _FIELDS))
-             .outerjoin(Blob, Blob.sha256 == Variant.blob_sha256).order_by(Variant.id))  # fmt: skip
-    queries = [query] if lora_ids is None else [query.where(Variant.lora_id.in_(c)) for c in _chunks(lora_ids)]
-    by_lora: dict[int, list[list[Any]]] = {}
-    for q in queries:
-        for row in db.execute(q):
-            by_lora.setdefault(row[_LORA], []).append(list(row))
-    return by_lora
+@functools.lru_cache(maxsize=1024)
+def _parsed_ranks(text: str) -> tuple[int, ...]:
+    return tuple(json.loads(text))
+
+
+def _blob_ranks(stored: Any) -> tuple[int, ...] | None:
+    """Blob.ranks as read past its JSON type: text from SQLite, a list where the driver decodes
+    JSON itself (psycopg)."""
+    if stored is None:
+        return None
+    return _parsed_ranks(stored) if isinstance(stored, str) else tuple(stored)
 
 
 def _metric_ranks(db: Connection, variant_ids: Sequence[int]) -> dict[int, tuple[list[int], list[int]]]:
@@ -288,14 +299,7 @@ def _ranks(v: list[Any], rows: list[list[Any]], metrics: dict[int, tuple[list[in
     for child in rows:
         if child[_SOURCE] == v[_ID] and child[_KIND] == "reduced" and child[_ID] in metrics:
             return tuple(r for r in metrics[child[_ID]][0] if r > 0)
-    return tuple(v[_RANKS]) if v[_RANKS] is not None else None
-
-
-def _refusals_at(s: Session, paths: Sequence[str]) -> dict[str, Refusal]:
-    found: dict[str, Refusal] = {}
-    for chunk in _chunks(paths):
-        found.update((r.path, r) for r in s.scalars(select(Refusal).where(Refusal.path.in_(chunk))))
-    return found
+    return _blob_ranks(v[_RANKS])
 
 
 def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
