@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -13,7 +14,7 @@ from lorad.library.db.models import Base
 from lorad.library.db.session import make_engine
 
 TABLES = {"loras", "blobs", "variants", "module_metrics", "jobs", "events", "refusals", "tree_entries",
-          "claimed_hashes"}
+          "claimed_hashes", "variant_effects"}
 
 
 def _tables(path) -> set[str]:
@@ -43,7 +44,7 @@ def test_upgrade_from_empty_then_downgrade_to_base(tmp_path):
     url = f"sqlite:///{db}"
     assert migrate.current(url) is None
     assert migrate.upgrade(url) is None  # nothing to back up: the database was empty
-    assert migrate.current(url) == migrate.head() == "0006"
+    assert migrate.current(url) == migrate.head() == "0007"
     assert _tables(db) == TABLES
     migrate.downgrade(url, "base")
     assert migrate.current(url) is None
@@ -81,8 +82,8 @@ def test_upgrade_backs_up_the_database_before_a_pending_migration(tmp_path):
             "VALUES ('/loras/a.safetensors', '/loras', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
         )
     backup = migrate.upgrade(url)
-    assert migrate.current(url) == "0006"
-    assert backup is not None and backup.parent == tmp_path and "0001-to-0006" in backup.name
+    assert migrate.current(url) == "0007"
+    assert backup is not None and backup.parent == tmp_path and "0001-to-0007" in backup.name
     with sqlite3.connect(backup) as conn:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
         assert conn.execute("SELECT path FROM loras").fetchall() == [("/loras/a.safetensors",)]
@@ -121,3 +122,42 @@ def test_cli_db_reports_an_unusable_database_in_one_line(tmp_path, capsys):
     code, _, err = _lorad(capsys, "db", "current", "--database", f"sqlite:///{bogus}")
     assert code == 2
     assert err == f"lorad: error: database sqlite:///{bogus}: file is not a database"
+
+
+def test_0007_adds_variant_effects_that_go_with_their_variant_and_downgrades_cleanly(tmp_path):
+    db = tmp_path / "lorad.db"
+    url = f"sqlite:///{db}"
+    migrate.upgrade(url, "0006")
+    stamp = "'2026-01-01 00:00:00'"
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"INSERT INTO loras (id, path, folder, created_at, updated_at) VALUES (1, '/l/a.safetensors', '/l', {stamp}, {stamp})")
+        for vid, kind in ((1, "original"), (2, "reduced")):
+            conn.execute("INSERT INTO blobs (sha256, bytes, data_sha256, autov2, autov3, created_at) "
+                         f"VALUES ('{'a' * 63}{vid}', 1, '', 'aaaaaaaaaa', 'aaaaaaaaaaaa', {stamp})")  # fmt: skip
+            conn.execute("INSERT INTO variants (id, lora_id, blob_sha256, kind, created_at) "
+                         f"VALUES ({vid}, 1, '{'a' * 63}{vid}', '{kind}', {stamp})")  # fmt: skip
+    migrate.upgrade(url)
+    assert migrate.current(url) == "0007"
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA foreign_keys=ON")
+        row = ("INSERT INTO variant_effects (variant_id, reference_variant_id, kind, effect_retained, effect_retained_min, "
+               "per_sample, samples, samples_id, base, base_sha256, actor, measured_at) VALUES "
+               "({v}, 1, 'denoiser', 0.9, 0.8, '[0.8, 1.0]', '{{}}', '{sid}', '/m', '{sha}', 'test', {stamp})")  # fmt: skip
+        conn.execute(row.format(v=2, sid="0" * 16, sha="b" * 64, stamp=stamp))
+        conn.execute(row.format(v=2, sid="1" * 16, sha="b" * 64, stamp=stamp))  # another sample set
+        with pytest.raises(sqlite3.IntegrityError):  # one row per (variant, base, sample set)
+            conn.execute(row.format(v=2, sid="0" * 16, sha="b" * 64, stamp=stamp))
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute(row.replace("'denoiser'", "'pixels'").format(v=2, sid="2" * 16, sha="b" * 64, stamp=stamp))
+        conn.execute("DELETE FROM variants WHERE id = 2")  # gc forgets the variant: its effects go with it
+        assert conn.execute("SELECT count(*) FROM variant_effects").fetchone() == (0,)
+        conn.execute(row.format(v=1, sid="0" * 16, sha="b" * 64, stamp=stamp))
+    migrate.downgrade(url, "0006")
+    assert migrate.current(url) == "0006"
+    assert _tables(db) == TABLES - {"variant_effects"}
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT id, kind FROM variants").fetchall() == [(1, "original")]
+    for backup in tmp_path.glob("*.bak"):  # (its name has the second: the next upgrade may be in the same one)
+        backup.unlink()
+    migrate.upgrade(url)
+    assert _tables(db) == TABLES

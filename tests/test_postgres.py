@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from lorad.daemon.queue import DONE, FAILED, PENDING, RUNNING, LeaseLost, Queue
+from lorad.errors import StoreError
 from lorad.library.db import migrate
 from lorad.library.db.models import Base
 from lorad.library.db.session import Database
@@ -262,3 +263,30 @@ def test_an_expired_lease_is_requeued_for_another_worker(two_databases):
     with pytest.raises(LeaseLost):
         a.complete(job.id, "worker-a", None)  # the dead worker's late result is refused
     assert b.complete(job.id, "worker-b", None).state == DONE
+
+
+def test_effect_measurements_are_kept_and_the_latest_shown(tmp_path, root, lib):
+    from lorad.library import effects
+    from tests.test_effect_records import effect_doc
+
+    path = make_lora(root / "style.safetensors", rank=8)
+    original = lib.ingest(path, policy="default", actor="daemon").original
+    r4, _ = _reduce(lib, path, 4, tmp_path / "work")
+    sources = lib.effect_sources(path)  # the only reduction, though not active
+    assert (sources.variant.variant_id, sources.reference.variant_id) == (r4.id, original.id)
+    [(name, stored, _)] = sources.variant.files
+    assert (name, stored) == ("style.safetensors", lib.store.path_of(r4.blob_sha256))
+
+    first = lib.record_effect(r4.id, effects.parse(effect_doc([0.5, 0.75])), original.id, actor="cli:uid=0")
+    assert (first.effect_retained, first.per_sample, first.reference_variant_id) == (0.625, (0.5, 0.75), original.id)
+    lib.record_effect(r4.id, effects.parse(effect_doc([-0.5, 0.5], base="/m2", base_sha256="cd" * 32)), actor="x")
+    lib.record_effect(r4.id, effects.parse(effect_doc([0.25, 0.75])), actor="x")  # replaces the first
+    shown = lib.lora(path).variant(r4.id)
+    assert shown.effect is not None and (shown.effect.effect_retained, shown.effect.base) == (0.5, "/models/sd15")
+    assert [(e.base, e.effect_retained) for e in lib.effects(path)] == [("/models/sd15", 0.5), ("/m2", 0.0)]
+    assert lib.effects(path)[0].samples == effect_doc([0.5])["samples"]
+    rows = table(lib, "variant_effects")
+    assert len(rows) == 2 and all(r["measured_at"].tzinfo is not None for r in rows)
+    assert sorted(r["per_sample"] for r in rows) == [[-0.5, 0.5], [0.25, 0.75]]  # JSON, as it went in
+    with pytest.raises(StoreError, match="is the original"):
+        lib.record_effect(original.id, effects.parse(effect_doc([0.5])), actor="x")

@@ -141,9 +141,12 @@ def render_list(loras: list[dict[str, Any]], total: int | None = None) -> str:
         path = x["path"] + ("/" if x.get("kind") == "folder" else "")  # an adapter folder, as `ls -p`
         rows.append([
             str(x["id"]), path, human_bytes(x["original_bytes"]), human_bytes(x["active_bytes"]),
-            _variant_label(active) if active else "-", _servers(active) if active else "-", str(len(x["variants"])),
+            _variant_label(active) if active else "-", _effect(active) if active else "",
+            _servers(active) if active else "-", str(len(x["variants"])),
         ])  # fmt: skip
-    header = ["ID", "PATH", "ORIGINAL", "NOW", "ACTIVE", "SERVES", "VARIANTS"]
+    header = ["ID", "PATH", "ORIGINAL", "NOW", "ACTIVE", "EFFECT", "SERVES", "VARIANTS"]
+    if not any(row[5] for row in rows):  # no active variant measured: no empty column
+        header, rows = _without(5, header, rows)
     lines = [table(rows, header) if rows else "no LoRAs recorded yet"]
     refused = [x for x in loras if x.get("refused")]
     if refused:
@@ -159,6 +162,13 @@ def _variant_label(v: dict[str, Any]) -> str:
         return f"#{v['id']} original"
     param = "" if v["param"] is None else f"{v['param']:g}"
     return f"#{v['id']} {v['method']}{param}"
+
+
+def _effect(v: dict[str, Any]) -> str:
+    """The variant's latest measured effect_retained (mean, worst sample); blank: not measured."""
+    if v.get("effect_retained") is None:
+        return ""
+    return f"{v['effect_retained']:.3f} min {v['effect_retained_min']:.3f}"
 
 
 def _servers(v: dict[str, Any]) -> str:
@@ -182,8 +192,32 @@ def render_variants(x: dict[str, Any]) -> str:
         fro = "-" if v["fro_retained_file"] is None else f"{v['fro_retained_file']:.4f}"
         rows.append(["*" if v["active"] else "", str(v["id"]), v["kind"], v["method"] or "-",
                      "-" if v["param"] is None else f"{v['param']:g}", human_bytes(v["bytes"]), fro,
-                     _ranks(v), _servers(v)])  # fmt: skip
-    return table(rows, ["", "VARIANT", "KIND", "METHOD", "PARAM", "SIZE", "FRO_RETAINED_FILE", "RANKS", "SERVES"])
+                     _effect(v) or "-", _ranks(v), _servers(v)])  # fmt: skip
+    header = ["", "VARIANT", "KIND", "METHOD", "PARAM", "SIZE", "FRO_RETAINED_FILE", "EFFECT", "RANKS", "SERVES"]
+    if all(v.get("effect_retained") is None for v in x["variants"]):
+        header, rows = _without(7, header, rows)
+    return table(rows, header)
+
+
+def _without(column: int, header: list[str], rows: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+    return header[:column] + header[column + 1 :], [r[:column] + r[column + 1 :] for r in rows]
+
+
+def render_effects(x: dict[str, Any]) -> list[str]:
+    """Each effect measurement of the LoRA's variants (the latest first): the figures, the base
+    model (path, short hash), the sample set and when."""
+    lines = []
+    latest: set[int] = set()
+    for e in x.get("effects") or []:
+        shown_first = e["variant"] not in latest
+        latest.add(e["variant"])
+        kl = "" if e.get("kl_mean") is None else f", KL {e['kl_mean']:.4g}"
+        lines.append(
+            f"variant {e['variant']}: effect retained {e['effect_retained']:.4f} (worst sample "
+            f"{e['effect_retained_min']:.4f}{kl}) against variant {e.get('reference_variant') or '?'}, "
+            f"{e['kind']} on base {e['base']} (sha256 {e['base_sha256'][:12]}), samples {e['samples_id']}, "
+            f"measured {e['measured_at']}" + ("" if shown_first else " (earlier, another base or sample set)"))
+    return lines
 
 
 def render_show(x: dict[str, Any]) -> str:
@@ -199,6 +233,9 @@ def render_show(x: dict[str, Any]) -> str:
         lines.append("")
         lines += [f"variant {v['id']}: made for {v.get('serve') or 'a rank rule'}: {v.get('rank_rule') or '-'}"
                   for v in ruled]  # fmt: skip
+    measured = render_effects(x)
+    if measured:
+        lines += ["", *measured]
     if refused:
         lines += ["", f"its file is refused since {refused['since']}: {refused['cause']}: {refused['reason']}"]
     decisions = [e for e in x.get("events", []) if e["kind"] == "decided"]

@@ -35,7 +35,7 @@ from lorad._fileio import check_regular
 from lorad.engine.formats.safetensors_file import read_header
 from lorad.engine.report import Report
 from lorad.errors import LoradError, StoreError
-from lorad.library import folder_swap, folders, listing, trees, upkeep
+from lorad.library import effects, folder_swap, folders, listing, trees, upkeep
 from lorad.library.core import Core, header_ranks
 from lorad.library.db import repo
 from lorad.library.db.models import Blob, Lora, Variant
@@ -44,6 +44,7 @@ from lorad.library.hashes import HashHit, claim_names, parse_query
 from lorad.library.reconcile import Unchanged, unchanged
 from lorad.library.reconcile import reconcile as reconcile_records
 from lorad.library.records import (
+    EffectView,
     EventView,
     FindResult,
     GcPlan,
@@ -52,6 +53,7 @@ from lorad.library.records import (
     RefusalView,
     VariantView,
     VerifyReport,
+    effect_view,
     event_view,
     lora_view,
     lora_views,
@@ -277,6 +279,87 @@ class Library:
                                             "rel_error", "params_in", "params_out", "skipped")}
                 for m in repo.module_metrics_of(s, variant_id)
             ]  # fmt: skip
+
+    # -- effect measurements (lorad.library.effects) ----------------------------------------------
+
+    def effect_sources(self, ref: LoraRef, variant: int | None = None) -> effects.Sources:
+        """The stored files `lorad effect` compares for a LoRA: `variant` (default: the active one,
+        else, when the original is active, the newest reduction) and the variant it was made from.
+        Refuses (StoreError) an original, a LoRA with no reduction, and files missing from the store."""
+        with self.db.read() as s:
+            row = self._find_lora(s, ref)
+            all_variants = list(repo.variants_of(s, row.id))
+            if variant is not None:
+                chosen = self._variant_of(s, row, variant)
+            else:
+                reduced = [v for v in all_variants if v.kind == "reduced"]
+                active = next((v for v in reduced if v.id == row.active_variant_id), None)
+                if active is None and not reduced:
+                    raise StoreError(f"{row.path}: has no reduced variant to measure (lorad has not reduced it yet)")
+                chosen = active or max(reduced, key=lambda v: v.id)
+            if chosen.kind != "reduced":
+                raise StoreError(f"{row.path}: variant {chosen.id} is the original; measure a reduced variant")
+            reference = self._reference_of(s, row, chosen)
+            name = os.path.basename(row.path.rstrip("/"))
+            stored = [self._stored(s, v, row.kind == "folder", name) for v in (chosen, reference)]
+            return effects.Sources(row.id, Path(row.path), stored[0], stored[1])
+
+    @staticmethod
+    def _reference_of(s: Session, row: Lora, variant: Variant) -> Variant:
+        """The variant a reduction is compared with: the one it was made from, else the original."""
+        for candidate in (variant.source_variant_id, row.original_variant_id):
+            found = s.get(Variant, candidate) if candidate is not None else None
+            if found is not None and found.lora_id == row.id and found.id != variant.id:
+                return found
+        raise StoreError(f"{row.path}: variant {variant.id} has no original recorded to compare it with")
+
+    def _stored(self, s: Session, v: Variant, folder: bool, name: str) -> effects.Stored:
+        if folder:
+            entries = repo.tree_entries(s, v.blob_sha256)
+            files = tuple((entry, self.store.path_of(sha), mode) for entry, sha, mode in entries)
+        else:
+            files = ((name, self.store.path_of(v.blob_sha256), 0o444),)
+        missing = [str(p) for _, p, _ in files if not p.is_file()]
+        if not files or missing:
+            raise StoreError(f"variant {v.id}'s stored bytes are missing from the store ({', '.join(missing) or 'no files'}); "
+                             "`lorad verify` says more")  # fmt: skip
+        return effects.Stored(v.id, v.kind, v.method, v.param, v.blob_sha256, folder, name, files)
+
+    def record_effect(self, variant_id: int, figures: effects.Figures, reference_id: int | None = None,
+                      actor: str = "library") -> EffectView:  # fmt: skip
+        """Record a measurement of a reduced variant against `reference_id` (None: the variant it
+        was made from); refuses an original, an unknown variant and a reference other than the one
+        `effect_sources` names (the LoRA changed while it was measured)."""
+        with self.db.read() as s:
+            found = s.get(Variant, variant_id)
+            if found is None:
+                raise StoreError(f"no variant {variant_id}")
+            lora_id = found.lora_id
+        with self.lock, self._failure_recorded("record_effect", actor, lora_id):
+            with self.db.write() as s:
+                variant = s.get(Variant, variant_id)
+                if variant is None:
+                    raise StoreError(f"no variant {variant_id}")
+                row = s.get(Lora, lora_id)
+                assert row is not None
+                if variant.kind != "reduced":
+                    raise StoreError(f"{row.path}: variant {variant_id} is the original; its effect is its own")
+                reference = self._reference_of(s, row, variant)
+                if reference_id is not None and reference_id != reference.id:
+                    raise StoreError(f"{row.path}: variant {variant_id} is compared with variant {reference.id}, "
+                                     f"not {reference_id}; measure it again")  # fmt: skip
+                effect = repo.record_effect(s, variant.id, reference.id, figures, actor)
+                repo.record_event(s, "measured", actor, row.id, variant.id, effect_kind=figures.kind,
+                                  effect_retained=figures.effect_retained, effect_retained_min=figures.effect_retained_min,
+                                  base=figures.base, base_sha256=figures.base_sha256, samples_id=figures.samples_id,
+                                  reference_variant=reference.id)  # fmt: skip
+                return effect_view(effect)
+
+    def effects(self, ref: LoraRef) -> list[EffectView]:
+        """Every effect measurement of a LoRA's variants, the latest first, with its sample set."""
+        with self.db.read() as s:
+            row = self._find_lora(s, ref)
+            return [effect_view(e) for e in repo.effects_of(s, [v.id for v in repo.variants_of(s, row.id)])]
 
     # -- ingest ------------------------------------------------------------------------------------
 

@@ -18,11 +18,32 @@ from sqlalchemy.orm import Session
 
 from lorad.engine.reduce.rank_rules import servers_met
 from lorad.library.db import repo
-from lorad.library.db.models import Blob, Event, Lora, ModuleMetric, Refusal, Variant
+from lorad.library.db.models import Blob, Event, Lora, ModuleMetric, Refusal, Variant, VariantEffect
 from lorad.library.hashes import HashHit
 
 # The module ranks of a stored blob (a file's, or a tree's weights), read from its header.
 HeaderRanks = Callable[[Session, str], "tuple[int, ...] | None"]
+
+
+@dataclass(frozen=True)
+class EffectView:
+    """A variant's measured effect on a base model (lorad.library.effects): effect_retained is the
+    mean over the samples of 1 - ||effect_variant - effect_reference|| / ||effect_reference||,
+    effect_retained_min the worst sample's."""
+
+    variant_id: int
+    reference_variant_id: int | None  # the variant it was compared with (the one it was made from)
+    kind: str  # "denoiser" | "logits"
+    effect_retained: float
+    effect_retained_min: float
+    kl_mean: float | None
+    samples_id: str
+    base: str
+    base_sha256: str
+    seconds: float | None
+    measured_at: datetime
+    per_sample: tuple[float, ...] = ()
+    samples: dict[str, Any] | None = None  # the sample set (left out of list views)
 
 
 @dataclass(frozen=True)
@@ -44,6 +65,7 @@ class VariantView:
     serve: str | None = None  # the server whose rank rules it was made for (policy `serve`)
     rank_rule: str | None = None  # the rank rule it was made under, described
     ranks: tuple[int, ...] | None = None  # its LoRA modules' ranks (None: not known)
+    effect: EffectView | None = None  # its latest effect measurement (None: never measured)
 
     @property
     def servers(self) -> tuple[str, ...] | None:
@@ -222,6 +244,7 @@ def lora_views(s: Session, ids: Sequence[int] | None = None, header_ranks: Heade
             if row[_LORA_WIDTH] is not None:  # (a LoRA with no variant yet: none)
                 loras[lora_id][1].append(list(row[_LORA_WIDTH:]))
     metrics = _metric_ranks(db, [v[_ID] for _, rows in loras.values() for v in rows if v[_KIND] == "reduced"])
+    effects = latest_effects(db, None if ids is None else [v[_ID] for _, rows in loras.values() for v in rows])
     folders: dict[str, Path] = {}  # a few watched roots, shared by thousands of LoRAs
     read: dict[str, tuple[int, ...] | None] = {}
     views = []
@@ -236,7 +259,7 @@ def lora_views(s: Session, ids: Sequence[int] | None = None, header_ranks: Heade
                     read[sha] = header_ranks(s, sha)
                 ranks = read[sha]
             v[_RANKS] = ranks
-            variant_views.append(VariantView(*v))
+            variant_views.append(VariantView(*v, effect=effects.get(v[_ID])))
         if folder not in folders:
             folders[folder] = Path(folder)
         refused_since = refusal[2]
@@ -255,7 +278,7 @@ _LORA_WIDTH = len(_LORA_COLUMNS)
 # A variant view's fields are Variant's columns of the same names, but for its blob's bytes and
 # ranks (its own as recorded for the blob, until _ranks says better); `details` (spectra, notes:
 # the report's) stays in the database. Selected in the view's field order, so a row makes a view.
-_FIELDS = tuple(f.name for f in fields(VariantView))
+_FIELDS = tuple(f.name for f in fields(VariantView) if f.name != "effect")  # (effects: latest_effects)
 _ID, _KIND, _BLOB, _SOURCE, _RANKS = (_FIELDS.index(n) for n in ("id", "kind", "blob_sha256", "source_variant_id", "ranks"))
 
 
@@ -300,6 +323,31 @@ def _ranks(v: list[Any], rows: list[list[Any]], metrics: dict[int, tuple[list[in
         if child[_SOURCE] == v[_ID] and child[_KIND] == "reduced" and child[_ID] in metrics:
             return tuple(r for r in metrics[child[_ID]][0] if r > 0)
     return _blob_ranks(v[_RANKS])
+
+
+_EFFECT_COLUMNS = (VariantEffect.variant_id, VariantEffect.reference_variant_id, VariantEffect.kind,
+                   VariantEffect.effect_retained, VariantEffect.effect_retained_min, VariantEffect.kl_mean,
+                   VariantEffect.samples_id, VariantEffect.base, VariantEffect.base_sha256, VariantEffect.seconds,
+                   VariantEffect.measured_at)  # fmt: skip
+
+
+def latest_effects(db: Connection | Session, variant_ids: Sequence[int] | None = None) -> dict[int, EffectView]:
+    """The latest effect measurement of each of `variant_ids` (None: of every variant) that has
+    one, without its sample set."""
+    query = select(*_EFFECT_COLUMNS).order_by(VariantEffect.measured_at, VariantEffect.id)
+    queries = [query] if variant_ids is None else [query.where(VariantEffect.variant_id.in_(c)) for c in _chunks(variant_ids)]
+    found: dict[int, EffectView] = {}
+    for q in queries:
+        for row in db.execute(q):
+            found[row[0]] = EffectView(*row)  # in measurement order: the latest stays
+    return found
+
+
+def effect_view(e: VariantEffect, with_samples: bool = True) -> EffectView:
+    samples = json.loads(e.samples) if with_samples and e.samples else None
+    return EffectView(e.variant_id, e.reference_variant_id, e.kind, e.effect_retained, e.effect_retained_min,
+                      e.kl_mean, e.samples_id, e.base, e.base_sha256, e.seconds, e.measured_at,
+                      tuple(e.per_sample or ()), samples)  # fmt: skip
 
 
 def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:

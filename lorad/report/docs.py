@@ -9,8 +9,11 @@ Per variant: its hashes (sha256, AutoV2, AutoV3, BLAKE3), the whole file's retai
 give; None for variants recorded before lorad kept it) and the weakest module's, the rank rule and server it was made for, the
 servers whose rank rules it meets as it is (lorad.engine.reduce.rank_rules.servers_met: a reduced
 variant's ranks from its module rows, an original's from its stored header), and the policy's
-latest decision on it (the `decided` events). The modules and spectra are those of the variant
-shown: the active one when it is a reduction, else the newest reduction.
+latest decision on it (the `decided` events), and its latest measured effect on a base model
+(`effect_retained`, the mean over the sample set, and `effect_retained_min`, the worst sample; with
+the base model, its hash, the sample set id and when; None when never measured: a second figure,
+named apart from the Frobenius one). The modules and spectra are those of the variant shown: the
+active one when it is a reduction, else the newest reduction.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from lorad.engine.reduce.rank_rules import servers_met
 from lorad.errors import LoradError
 from lorad.library.db import repo
 from lorad.library.db.models import Blob, Lora, Variant
+from lorad.library.records import EffectView, latest_effects
 
 if TYPE_CHECKING:
     from lorad.library.library import Library, LoraRef
@@ -54,9 +58,10 @@ def lora_doc(lib: Library, ref: LoraRef) -> dict[str, Any]:
         assert row is not None
         variants = list(repo.variants_of(s, lora_id))
         decisions = _decisions(s, lora_id)
+        measured = latest_effects(s, [v.id for v in variants])
         shown = _shown(row, variants)
         modules = [{f: getattr(m, f) for f in MODULE_FIELDS} for m in repo.module_metrics_of(s, shown.id)] if shown else []
-        docs = [_variant_doc(lib, s, v, row.active_variant_id, decisions.get(v.id)) for v in variants]
+        docs = [_variant_doc(lib, s, v, row.active_variant_id, decisions.get(v.id), measured.get(v.id)) for v in variants]
         spectra = list((shown.details or {}).get("spectra") or []) if shown else []
         return {
             "generated_at": _now(),
@@ -88,7 +93,7 @@ def _decisions(s: Session, lora_id: int) -> dict[int, dict[str, Any]]:
 
 
 def _variant_doc(lib: Library, s: Session, v: Variant, active_id: int | None,
-                 decision: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+                 decision: dict[str, Any] | None, effect: EffectView | None = None) -> dict[str, Any]:  # fmt: skip
     blob = s.get(Blob, v.blob_sha256)
     if v.kind == "reduced":
         ranks = [m.rank_out for m in repo.module_metrics_of(s, v.id) if m.skipped is None]
@@ -112,7 +117,16 @@ def _variant_doc(lib: Library, s: Session, v: Variant, active_id: int | None,
         "serve": v.serve,
         "servers": servers_met(ranks) if ranks else [],  # no known ranks: no claim about servers
         "decision": decision,
+        "effect_retained": effect.effect_retained if effect else None,
+        "effect_retained_min": effect.effect_retained_min if effect else None,
+        "effect": _effect_doc(effect) if effect else None,
     }
+
+
+def _effect_doc(e: EffectView) -> dict[str, Any]:
+    return {"kind": e.kind, "effect_retained": e.effect_retained, "effect_retained_min": e.effect_retained_min,
+            "kl_mean": e.kl_mean, "base": e.base, "base_sha256": e.base_sha256, "samples_id": e.samples_id,
+            "measured_at": _iso(e.measured_at), "reference_variant": e.reference_variant_id}  # fmt: skip
 
 
 def _header_ranks(path: Path) -> list[int]:
@@ -135,6 +149,7 @@ def library_doc(lib: Library) -> dict[str, Any]:
     watched path lorad refused (with why)."""
     rows: list[dict[str, Any]] = []
     with lib.db.read() as s:
+        measured = latest_effects(s)
         for lora in repo.all_loras(s):
             variants = {v.id: v for v in repo.variants_of(s, lora.id)}
             original, active = variants.get(lora.original_variant_id or -1), variants.get(lora.active_variant_id or -1)
@@ -149,13 +164,16 @@ def library_doc(lib: Library) -> dict[str, Any]:
                 "bytes_original": _bytes(s, original),
                 "bytes_active": _bytes(s, active),
                 "fro_retained_file": active.fro_retained_file if active and active.kind == "reduced" else None,
+                "effect_retained": measured[active.id].effect_retained if active and active.id in measured else None,
+                "effect_retained_min": measured[active.id].effect_retained_min if active and active.id in measured else None,
                 "refused": f"{refusal.cause}: {refusal.reason}" if refusal is not None else None,
             })  # fmt: skip
     for r in lib.refusals():
         if r.lora_id is None:  # a path lorad holds no LoRA for: it refused the file from the start
             rows.append({"id": None, "path": str(r.path), "folder": _root_of(lib.roots, r.path), "active_kind": None,
                          "method": None, "param": None, "bytes_original": None, "bytes_active": None,
-                         "fro_retained_file": None, "refused": f"{r.cause}: {r.reason}"})  # fmt: skip
+                         "fro_retained_file": None, "effect_retained": None, "effect_retained_min": None,
+                         "refused": f"{r.cause}: {r.reason}"})  # fmt: skip
     folders = [str(root) for root in lib.roots]
     folders += sorted({x["folder"] for x in rows} - set(folders))  # LoRAs of folders no longer watched
     return {

@@ -14,7 +14,10 @@ render_lora(doc), doc = {
   "variants": [{"id", "kind": "original"|"reduced", "active": bool, "method", "param", "bytes",
                 "sha256", "autov2", "autov3", "blake3" (or None), "fro_retained_file" (or None),
                 "fro_retained_min" (the module min), "created_at", "rank_rule", "serve", "servers": [str],
-                "decision": {"activate", "reason", "saving", "fro_retained_file"} | None}],
+                "decision": {"activate", "reason", "saving", "fro_retained_file"} | None,
+                "effect_retained", "effect_retained_min" (the latest measured effect on a base model,
+                mean and worst sample; None: never measured), "effect": {"kind", "base", "base_sha256",
+                "samples_id", "measured_at", "kl_mean", ...} | None}],
   "modules": [{"name", "kind", "rank_in", "rank_out", "fro_retained", "rel_error", "params_in",
                "params_out", "skipped": str | None}],   # of the variant `shown_variant_id`
   "shown_variant_id": int | None,
@@ -25,7 +28,8 @@ render_library(doc), doc = {
   "generated_at": str,
   "folders": [{"path", "loras", "bytes_original", "bytes_active"}],
   "loras": [{"id", "path", "folder", "active_kind", "method", "param", "bytes_original",
-             "bytes_active", "fro_retained_file" (or None), "refused": str | None}],
+             "bytes_active", "fro_retained_file" (or None), "effect_retained", "effect_retained_min"
+             (or None: the active variant's effect never measured), "refused": str | None}],
 }
 """
 
@@ -348,6 +352,13 @@ def _lora_cards(original: Mapping[str, Any] | None, active: Mapping[str, Any] | 
         cards.append(_card("Retained Frobenius", esc(fmt_fro(quality.get("fro_retained_file"))),
                            f"whole file, {esc(_variant_label(quality))} ({label}); module min "
                            f"{esc(fmt_fro(quality.get('fro_retained_min')))}", "card-fro"))  # fmt: skip
+    measured = quality if quality is not None and quality.get("effect_retained") is not None else None
+    if measured is not None:
+        e = measured.get("effect") or {}
+        cards.append(_card("Effect retained", esc(fmt_fro(measured.get("effect_retained"))),
+                           f"mean over the samples, worst {esc(fmt_fro(measured.get('effect_retained_min')))}; "
+                           f"{esc(_variant_label(measured))} on {esc(_name_of(str(e.get('base') or '')) or '-')}",
+                           "card-effect"))  # fmt: skip
     reduced = [m for m in modules if not m.get("skipped")]
     if modules:
         rin = [int(m["rank_in"]) for m in reduced] or [0]
@@ -407,10 +418,12 @@ def _variants_section(variants: list[Mapping[str, Any]], original: Mapping[str, 
         return ""
     ob = original.get("bytes") if original else None
     extra = any(v.get("rank_rule") or v.get("serve") or v.get("servers") for v in variants)
+    effects = any(v.get("effect_retained") is not None for v in variants)
     head = ["", "Variant", "Kind", "Method", "Size", "Saving", "Fro retained (file)", "Module min"]
+    head += ["Effect retained (mean, worst)"] if effects else []
     head += ["Rank rule", "Servers"] if extra else []
     head += ["Created"]
-    nums = {"Size", "Saving", "Fro retained (file)", "Module min"}
+    nums = {"Size", "Saving", "Fro retained (file)", "Module min", "Effect retained (mean, worst)"}
     rows = []
     for v in variants:
         b = v.get("bytes")
@@ -422,6 +435,8 @@ def _variants_section(variants: list[Mapping[str, Any]], original: Mapping[str, 
             esc(fmt_pct(save)) if save is not None else "-",
             esc(fmt_fro(v.get("fro_retained_file"))), esc(fmt_fro(v.get("fro_retained_min"))),
         ]  # fmt: skip
+        if effects:
+            cells.append(_effect_cell(v))
         if extra:
             rule = " ".join(str(x) for x in (v.get("rank_rule"), v.get("serve") and f"serve {v.get('serve')}") if x)
             cells += [esc(rule or "-"), esc(", ".join(str(s) for s in v.get("servers") or []) or "-")]
@@ -430,7 +445,34 @@ def _variants_section(variants: list[Mapping[str, Any]], original: Mapping[str, 
         rows.append(f'<tr class="{"active" if v.get("active") else ""}" data-variant="{int(v["id"])}">{tds}</tr>')
     ths = "".join(f'<th class="num">{esc(h)}</th>' if h in nums else f"<th>{esc(h)}</th>" for h in head)
     return (f'<section id="variants"><h2>Variants</h2><div class="wrap"><table><thead><tr>{ths}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table></div></section>')  # fmt: skip
+            f'<tbody>{"".join(rows)}</tbody></table></div>{_effect_notes(variants)}</section>')  # fmt: skip
+
+
+def _effect_cell(v: Mapping[str, Any]) -> str:
+    if v.get("effect_retained") is None:
+        return "-"
+    return (f'<span class="effect" data-variant="{int(v["id"])}">{esc(fmt_fro(v.get("effect_retained")))}'
+            f' <span class="muted">worst {esc(fmt_fro(v.get("effect_retained_min")))}</span></span>')
+
+
+def _effect_notes(variants: list[Mapping[str, Any]]) -> str:
+    """Where each effect figure was measured: the base model, its hash, the sample set, when."""
+    notes = []
+    for v in variants:
+        e = v.get("effect")
+        if v.get("effect_retained") is None or not isinstance(e, Mapping):
+            continue
+        kl = f", mean KL {float(e['kl_mean']):.4g}" if e.get("kl_mean") is not None else ""
+        notes.append(f'<li id="effect-{int(v["id"])}">{esc(_variant_label(v))}: effect retained '
+                     f'{esc(fmt_fro(v.get("effect_retained")))} (worst sample {esc(fmt_fro(v.get("effect_retained_min")))}'
+                     f'{esc(kl)}), {esc(e.get("kind") or "-")} output on base <span class="mono">{esc(e.get("base") or "-")}</span>'
+                     f' (sha256 <span class="mono">{esc(str(e.get("base_sha256") or "")[:12])}</span>), sample set '
+                     f'<span class="mono">{esc(e.get("samples_id") or "-")}</span>, measured {esc(e.get("measured_at") or "-")}</li>')  # fmt: skip
+    if not notes:
+        return ""
+    return ('<p class="muted">Effect retained: 1 − ‖effect of the variant − effect of the original‖ / ‖effect of the '
+            'original‖ on the base model\'s output, the mean over the samples and the worst sample.</p>'
+            f'<ul class="effects">{"".join(notes)}</ul>')  # fmt: skip
 
 
 def _hash_list(v: Mapping[str, Any]) -> str:
@@ -740,6 +782,9 @@ def _library_table(loras: list[Mapping[str, Any]]) -> str:
     cols = [("ID", True, ""), ("LoRA", False, "name"), ("Folder", False, "folder"), ("Active", False, "nowrap"),
             ("Original", True, ""), ("Now", True, ""), ("Saved", True, ""), ("Saved %", True, ""),
             ("Fro retained (file)", True, ""), ("Note", False, "note")]  # fmt: skip
+    effects = any(x.get("effect_retained") is not None for x in loras)
+    if effects:
+        cols.insert(-1, ("Effect retained", True, ""))
     rows = []
     for x in sorted(loras, key=lambda x: _natural(str(x.get("path") or ""))):
         bo, ba = x.get("bytes_original"), x.get("bytes_active")
@@ -760,6 +805,10 @@ def _library_table(loras: list[Mapping[str, Any]]) -> str:
             (esc(fmt_fro(fro)), "" if fro is None else repr(float(_svg.finite(fro)))),
             (esc(f"refused: {x['refused']}") if x.get("refused") else "", None),
         ]  # fmt: skip
+        if effects:
+            eff = x.get("effect_retained")
+            shown = "-" if eff is None else f"{fmt_fro(eff)} (worst {fmt_fro(x.get('effect_retained_min'))})"
+            cells.insert(-1, (esc(shown), "" if eff is None else repr(float(_svg.finite(eff)))))
         tds = []
         for (head, numeric, cls), (content, key) in zip(cols, cells):
             attr = f' data-v="{esc(key)}"' if key is not None else ""

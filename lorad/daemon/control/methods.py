@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 from lorad import __version__
 from lorad.daemon.control.protocol import INT_MAX, LIST_PAGE, VERSION, Code, ControlError
 from lorad.daemon.control.server import Handler, Peer
-from lorad.daemon.control.views import find_json, lora_json, refused_path_json
+from lorad.daemon.control.views import effect_json, find_json, lora_json, refused_path_json
 from lorad.engine.formats.safetensors_file import is_complete
 from lorad.errors import StoreError
-from lorad.library import listing
+from lorad.library import effects, listing
 from lorad.library.hashes import HashQueryError
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def build(daemon: DaemonParts) -> dict[str, Handler]:
     m = Methods(daemon)
     return {name: getattr(m, name) for name in (
         "hello", "status", "list", "show", "find", "report", "revert", "switch", "reduce",
-        "pause", "resume", "rescan", "verify", "gc",
+        "effect_files", "record_effect", "pause", "resume", "rescan", "verify", "gc",
     )}  # fmt: skip
 
 
@@ -140,6 +140,7 @@ class Methods:
             for e in self.d.library.events(view.id, limit=50)
         ]
         doc["modules"] = self.d.library.module_metrics(view.active_variant_id) if view.active_variant_id else []
+        doc["effects"] = [effect_json(e, full=True) for e in self.d.library.effects(view.id)]
         return doc
 
     def find(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
@@ -190,6 +191,40 @@ class Methods:
         view = self.d.ingest(path, watch.policy if watch else policy.name, actor=peer.actor())
         job, created = self.d.enqueue_original(view, policy, explicit=True)
         return {"job": job.to_json(), "created": created, "lora": lora_json(view)}
+
+    def effect_files(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        """The files `lorad effect` reads (lorad.library.effects.Sources): the CLI measures them in
+        its own process (the daemon never loads a base model for it), then calls record_effect."""
+        ref = self._lora_ref(params["target"])
+        try:
+            sources = self.d.library.effect_sources(ref, params.get("variant"))
+        except StoreError as e:
+            raise ControlError(Code.NOT_FOUND, str(e)) from None
+        return {"lora": sources.lora_id, "path": str(sources.path),
+                "variant": _stored_json(sources.variant), "reference": _stored_json(sources.reference)}  # fmt: skip
+
+    def record_effect(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        ref = self._lora_ref(params["target"])
+        try:
+            view = self.d.library.lora(ref)
+        except StoreError as e:
+            raise ControlError(Code.NOT_FOUND, str(e)) from None
+        variant = view.variant(params["variant"])
+        if variant is None:
+            have = ", ".join(str(v.id) for v in view.variants)
+            raise ControlError(Code.NOT_FOUND, f"{view.path} has no variant {params['variant']} (it has: {have})")
+        if variant.kind != "reduced":
+            raise ControlError(Code.BAD_PARAMS, f"record_effect: variant {variant.id} of {view.path} is the original; "
+                                                "only a reduction's effect is measured against it")  # fmt: skip
+        try:
+            figures = effects.parse(params["effect"])
+        except effects.EffectError as e:
+            raise ControlError(Code.BAD_PARAMS, f"record_effect: param 'effect': {e}") from None
+        try:
+            effect = self.d.library.record_effect(variant.id, figures, params.get("reference"), actor=peer.actor())
+        except StoreError as e:
+            raise ControlError(Code.CONFLICT, str(e)) from None
+        return {"lora": lora_json(self.d.library.lora(view.id)), "effect": effect_json(effect)}
 
     def pause(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
         self.d.gate.set_paused(True)
@@ -274,3 +309,9 @@ class Methods:
         except StoreError as e:
             raise ControlError(Code.NOT_FOUND, str(e)) from None
         return path
+
+
+def _stored_json(v: effects.Stored) -> dict[str, Any]:
+    return {"id": v.variant_id, "kind": v.kind, "method": v.method, "param": v.param, "sha256": v.sha256,
+            "folder": v.folder, "name": v.name,
+            "files": [{"name": name, "path": str(path), "mode": mode} for name, path, mode in v.files]}  # fmt: skip

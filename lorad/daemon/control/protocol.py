@@ -34,7 +34,7 @@ from lorad.errors import LoradError
 VERSION = 1
 MAX_REQUEST_BYTES = 64 * 1024  # a request is a method name and a few short params
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
-MAX_DEPTH = 8  # a request is two deep ({"params": {...}}); no param is a container
+MAX_DEPTH = 8  # a request is two deep ({"params": {...}}); only record_effect's `effect` is a container
 MAX_ID_CHARS = 128
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 PATH_MAX, NAME_MAX = 4096, 255  # Linux's limits in bytes: past them every syscall fails anyway
@@ -120,6 +120,18 @@ METHODS: dict[str, MethodSpec] = dict(
         _spec(
             "reduce", True, "enqueue a watched file now, optionally under another policy",
             Param("path", str, required=True, path=True), Param("policy", str),
+        ),  # fmt: skip
+        _spec(
+            "effect_files", True, "the stored files `lorad effect` compares: a variant (default: the active "
+            "one, else the newest reduction) and the variant it was made from, as store paths to read (an "
+            "adapter folder: its files); needs the permission record_effect needs, so it is asked first",
+            Param("target", (str, int), required=True, path=True), Param("variant", int),
+        ),  # fmt: skip
+        _spec(
+            "record_effect", True, "record a variant's measured effect on a base model (the JSON of "
+            "lorad.engine.effect.EffectResult, with the variant it was compared with as reference)",
+            Param("target", (str, int), required=True, path=True), Param("variant", int, required=True),
+            Param("reference", int), Param("effect", dict, required=True),
         ),  # fmt: skip
         _spec("pause", True, "stop starting new jobs"),
         _spec("resume", True, "start jobs again"),

@@ -25,7 +25,34 @@ def variant_json(v: Any, active_id: int | None) -> dict[str, Any]:
         "serve": v.serve,
         "rank_rule": v.rank_rule,
         "servers": list(v.servers) if v.servers is not None else None,  # None: ranks unknown
+        # Its latest measured effect on a base model (lorad effect), a second figure beside the
+        # Frobenius one; None when never measured.
+        "effect_retained": v.effect.effect_retained if v.effect else None,
+        "effect_retained_min": v.effect.effect_retained_min if v.effect else None,
+        "effect": effect_json(v.effect) if v.effect else None,
     }
+
+
+def effect_json(e: Any, full: bool = False) -> dict[str, Any]:
+    """An effect measurement (lorad.library.records.EffectView); `full`: with its per-sample
+    figures and its sample set."""
+    doc = {
+        "variant": e.variant_id,
+        "reference_variant": e.reference_variant_id,
+        "kind": e.kind,
+        "effect_retained": e.effect_retained,
+        "effect_retained_min": e.effect_retained_min,
+        "kl_mean": e.kl_mean,
+        "samples_id": e.samples_id,
+        "base": e.base,
+        "base_sha256": e.base_sha256,
+        "seconds": e.seconds,
+        "measured_at": e.measured_at.isoformat() if e.measured_at else None,
+    }
+    if full:
+        doc["per_sample"] = list(e.per_sample)
+        doc["samples"] = e.samples
+    return doc
 
 
 def _rank_span(ranks: Any) -> dict[str, Any] | None:

@@ -44,6 +44,7 @@ NAMING = {
 }
 
 VARIANT_KINDS = ("original", "reduced")
+EFFECT_KINDS = ("denoiser", "logits")  # a diffusion model's denoiser output; a causal LM's next-token logits
 JOB_STATES = ("pending", "running", "done", "failed")
 EVENT_KINDS = (
     "ingested",  # a new original was stored (first sight, or a file changed behind lorad's back)
@@ -56,6 +57,7 @@ EVENT_KINDS = (
     "collected",  # gc removed variants and blobs
     "failed",  # an operation was refused or failed (detail: error)
     "decided",  # (worker) a policy's verdict on a new variant
+    "measured",  # a variant's effect on a base model was recorded (`lorad effect`)
 )
 
 
@@ -214,6 +216,36 @@ class Variant(Base):
     # What a report shows beyond the per-module rows: the engine's notes and the spectra of the
     # largest modules ({"notes": [...], "spectra": [{"name", "values", "cut"}]}).
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class VariantEffect(Base):
+    """A variant's measured effect on a base model (`lorad effect`, lorad.library.effects): one row
+    per (variant, base model, sample set); `list` and `show` display the latest (measured_at)."""
+
+    __tablename__ = "variant_effects"
+    __table_args__ = (
+        UniqueConstraint("variant_id", "base_sha256", "samples_id"),
+        CheckConstraint("kind IN ('denoiser', 'logits')", name="kind"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    variant_id: Mapped[int] = mapped_column(ForeignKey("variants.id", ondelete="CASCADE"), index=True)
+    # The variant it was compared with: the one it was made from (its original, as a rule).
+    reference_variant_id: Mapped[int | None] = mapped_column(ForeignKey("variants.id", ondelete="SET NULL"))
+    kind: Mapped[str] = mapped_column(String(16))  # EFFECT_KINDS
+    # 1 - ||effect_variant - effect_reference|| / ||effect_reference||: the mean over the samples and
+    # the worst sample's (1: the same effect; below 0: further off than no LoRA at all).
+    effect_retained: Mapped[float] = mapped_column(Float)
+    effect_retained_min: Mapped[float] = mapped_column(Float)
+    per_sample: Mapped[list[float]] = mapped_column(JSON)
+    kl_mean: Mapped[float | None] = mapped_column(Float)  # logits: mean KL(reference || variant)
+    samples: Mapped[str] = mapped_column(Text)  # the sample set as JSON text (prompts, seeds, timesteps...)
+    samples_id: Mapped[str] = mapped_column(String(16))  # its id (16 hex digits)
+    base: Mapped[str] = mapped_column(PathText)  # the base model measured on, as the user named it
+    base_sha256: Mapped[str] = mapped_column(String(64))
+    seconds: Mapped[float | None] = mapped_column(Float)  # how long the measurement took
+    actor: Mapped[str] = mapped_column(Text)
+    measured_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class ModuleMetric(Base):

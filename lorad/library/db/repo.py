@@ -25,6 +25,7 @@ from lorad.library.db.models import (
     Refusal,
     TreeEntry,
     Variant,
+    VariantEffect,
     utcnow,
 )
 from lorad.library.hashes import HashHit, Query, blob_kind
@@ -327,8 +328,41 @@ def module_metrics_of(s: Session, variant_id: int) -> Sequence[ModuleMetric]:
     ).all()
 
 
+def record_effect(s: Session, variant_id: int, reference_id: int | None, figures: Any, actor: str) -> VariantEffect:
+    """Record a measurement (lorad.library.effects.Figures) of a variant; one on the same base
+    model and sample set as an earlier one replaces it."""
+    row = s.scalar(select(VariantEffect).where(
+        VariantEffect.variant_id == variant_id, VariantEffect.base_sha256 == figures.base_sha256,
+        VariantEffect.samples_id == figures.samples_id))  # fmt: skip
+    if row is None:
+        row = VariantEffect(variant_id=variant_id, base_sha256=figures.base_sha256, samples_id=figures.samples_id)
+        s.add(row)
+    row.reference_variant_id = reference_id
+    row.kind = figures.kind
+    row.effect_retained = figures.effect_retained
+    row.effect_retained_min = figures.effect_retained_min
+    row.per_sample = list(figures.per_sample)
+    row.kl_mean = figures.kl_mean
+    row.samples = figures.samples
+    row.base = figures.base
+    row.seconds = figures.seconds
+    row.actor = actor
+    row.measured_at = utcnow()
+    s.flush()
+    return row
+
+
+def effects_of(s: Session, variant_ids: Iterable[int]) -> Sequence[VariantEffect]:
+    """Every measurement of these variants, the latest first."""
+    ids = list(variant_ids)
+    if not ids:
+        return []
+    query = select(VariantEffect).where(VariantEffect.variant_id.in_(ids))
+    return s.scalars(query.order_by(VariantEffect.measured_at.desc(), VariantEffect.id.desc())).all()
+
+
 def delete_variants(s: Session, variant_ids: Iterable[int]) -> None:
-    # module_metrics cascade; events, jobs and source links are set to NULL by the database.
+    # module_metrics and variant_effects cascade; events, jobs and source links are set to NULL by the database.
     for variant in s.scalars(select(Variant).where(Variant.id.in_(list(variant_ids)))).all():
         s.delete(variant)
     s.flush()
