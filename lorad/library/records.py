@@ -225,10 +225,10 @@ def lora_views(s: Session, ids: Sequence[int] | None = None, header_ranks: Heade
     """The views of the LoRAs `ids` (None: all), in that order (all: by id), in a few queries
     whatever their number: a library of thousands is listed without one query per LoRA.
 
-    A variant's module ranks: a reduction's from its metrics (rank_out); an original's from the
-    metrics of a reduction made from it (their rank_in), else as recorded for its blob (from its
-    header when stored). `header_ranks` is asked for the ranks of a blob stored before lorad
-    recorded them (the library reads its header, and records what it read).
+    A variant's module ranks: as recorded for its blob (from its header when stored); for a blob
+    stored before lorad recorded them, a reduction's from its metrics (rank_out), an original's from
+    the metrics of a reduction made from it (their rank_in), else `header_ranks` is asked (the
+    library reads the header once, and records what it read).
     """
     db = s.connection()  # plain Core rows: the ORM's result machinery doubles the cost of thousands
     query = (select(*_LORA_COLUMNS, *(_column(name) for name in _FIELDS))
@@ -243,7 +243,7 @@ def lora_views(s: Session, ids: Sequence[int] | None = None, header_ranks: Heade
                 loras[lora_id] = (row[:_LORA_WIDTH], [])
             if row[_LORA_WIDTH] is not None:  # (a LoRA with no variant yet: none)
                 loras[lora_id][1].append(list(row[_LORA_WIDTH:]))
-    metrics = _metric_ranks(db, [v[_ID] for _, rows in loras.values() for v in rows if v[_KIND] == "reduced"])
+    metrics = _metric_ranks(db, [v[_ID] for _, rows in loras.values() for v in rows if _needs_metrics(v, rows)])
     effects = latest_effects(db, None if ids is None else [v[_ID] for _, rows in loras.values() for v in rows])
     folders: dict[str, Path] = {}  # a few watched roots, shared by thousands of LoRAs
     read: dict[str, tuple[int, ...] | None] = {}
@@ -316,7 +316,17 @@ def _metric_ranks(db: Connection, variant_ids: Sequence[int]) -> dict[int, tuple
     return found
 
 
+def _needs_metrics(v: list[Any], rows: list[list[Any]]) -> bool:
+    """A reduction whose ranks are asked of its metrics: its own blob's are not recorded, or those
+    of the original it was made from are not (its rank_in tells them)."""
+    if v[_KIND] != "reduced":
+        return False
+    return v[_RANKS] is None or any(o[_ID] == v[_SOURCE] and o[_RANKS] is None for o in rows)
+
+
 def _ranks(v: list[Any], rows: list[list[Any]], metrics: dict[int, tuple[list[int], list[int]]]) -> tuple[int, ...] | None:
+    if v[_RANKS] is not None:  # recorded for its blob when stored (from its header): no metric needed
+        return _blob_ranks(v[_RANKS])
     if v[_KIND] == "reduced":
         return tuple(r for r in metrics[v[_ID]][1] if r > 0) if v[_ID] in metrics else None
     for child in rows:
