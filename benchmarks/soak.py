@@ -14,7 +14,7 @@ dropped files:
 every original stored byte for byte (its blob re-hashed), every watched file either that original
 or a recorded variant of it, no reduction process outliving the daemon that started it.
 
-Prints files processed, kills survived, originals lost (must be 0) and the daemon's RSS at the end;
+Prints files processed, kills survived, originals lost (must be 0) and the daemon's RSS at the start and the end;
 exits 1 when a check fails. Figures are printed, not asserted: this is a benchmark, not a test.
 """
 
@@ -229,6 +229,8 @@ def main() -> int:
         if time.monotonic() > deadline:
             raise SystemExit(f"the daemon did not come up; see {tmp / 'daemon.log'}")
         time.sleep(0.2)
+    first = shared.get("pid")
+    rss_at_start = proc_status(first) if first else {}  # up and answering, before any file
     ham = mp.Process(target=hammer, args=(sock, stop_hammer, hammered))
     ham.start()
 
@@ -287,6 +289,7 @@ def main() -> int:
         "originals_lost": len(results["lost"]),
         "watched_files_wrong": len(results["wrong_file"]),
         "orphaned_reduction_processes": len(leftover),
+        "daemon_rss_mib_at_start": round(rss_at_start.get("VmRSS", 0) / 1024, 1),
         "daemon_rss_mib_at_end": round(rss.get("VmRSS", 0) / 1024, 1),
         "daemon_peak_rss_mib_since_last_start": round(rss.get("VmHWM", 0) / 1024, 1),
         "socket_calls_answered": hammered.get("ok", 0),

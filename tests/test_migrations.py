@@ -14,7 +14,7 @@ from lorad.library.db.models import Base
 from lorad.library.db.session import make_engine
 
 TABLES = {"loras", "blobs", "variants", "module_metrics", "jobs", "events", "refusals", "tree_entries",
-          "claimed_hashes", "variant_effects"}
+          "claimed_hashes", "variant_effects", "store_identity"}
 
 
 def _tables(path) -> set[str]:
@@ -44,7 +44,7 @@ def test_upgrade_from_empty_then_downgrade_to_base(tmp_path):
     url = f"sqlite:///{db}"
     assert migrate.current(url) is None
     assert migrate.upgrade(url) is None  # nothing to back up: the database was empty
-    assert migrate.current(url) == migrate.head() == "0007"
+    assert migrate.current(url) == migrate.head() == "0008"
     assert _tables(db) == TABLES
     migrate.downgrade(url, "base")
     assert migrate.current(url) is None
@@ -82,8 +82,8 @@ def test_upgrade_backs_up_the_database_before_a_pending_migration(tmp_path):
             "VALUES ('/loras/a.safetensors', '/loras', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
         )
     backup = migrate.upgrade(url)
-    assert migrate.current(url) == "0007"
-    assert backup is not None and backup.parent == tmp_path and "0001-to-0007" in backup.name
+    assert migrate.current(url) == "0008"
+    assert backup is not None and backup.parent == tmp_path and "0001-to-0008" in backup.name
     with sqlite3.connect(backup) as conn:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
         assert conn.execute("SELECT path FROM loras").fetchall() == [("/loras/a.safetensors",)]
@@ -137,7 +137,7 @@ def test_0007_adds_variant_effects_that_go_with_their_variant_and_downgrades_cle
             conn.execute("INSERT INTO variants (id, lora_id, blob_sha256, kind, created_at) "
                          f"VALUES ({vid}, 1, '{'a' * 63}{vid}', '{kind}', {stamp})")  # fmt: skip
     migrate.upgrade(url)
-    assert migrate.current(url) == "0007"
+    assert migrate.current(url) == migrate.head()
     with sqlite3.connect(db) as conn:
         conn.execute("PRAGMA foreign_keys=ON")
         row = ("INSERT INTO variant_effects (variant_id, reference_variant_id, kind, effect_retained, effect_retained_min, "
@@ -154,10 +154,32 @@ def test_0007_adds_variant_effects_that_go_with_their_variant_and_downgrades_cle
         conn.execute(row.format(v=1, sid="0" * 16, sha="b" * 64, stamp=stamp))
     migrate.downgrade(url, "0006")
     assert migrate.current(url) == "0006"
-    assert _tables(db) == TABLES - {"variant_effects"}
+    assert _tables(db) == TABLES - {"variant_effects", "store_identity"}
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT id, kind FROM variants").fetchall() == [(1, "original")]
     for backup in tmp_path.glob("*.bak"):  # (its name has the second: the next upgrade may be in the same one)
         backup.unlink()
     migrate.upgrade(url)
     assert _tables(db) == TABLES
+
+
+def test_0008_adds_the_single_row_store_identity_and_downgrades_cleanly(tmp_path):
+    # An existing database (0007, with records) gets the table empty: the daemon adopts at start.
+    db = tmp_path / "lorad.db"
+    url = f"sqlite:///{db}"
+    migrate.upgrade(url, "0007")
+    migrate.upgrade(url)
+    assert migrate.current(url) == "0008"
+    stamp = "'2026-01-01 00:00:00'"
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM store_identity").fetchone() == (0,)
+        row = "INSERT INTO store_identity (id, store_id, created_at, adopted) VALUES ({}, '{}', {}, 0)"
+        conn.execute(row.format(1, "0" * 36, stamp))
+        with pytest.raises(sqlite3.IntegrityError):  # one row: one store
+            conn.execute(row.format(2, "1" * 36, stamp))
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute(row.format(1, "1" * 36, stamp))
+    migrate.downgrade(url, "0007")
+    assert _tables(db) == TABLES - {"store_identity"}
+    for backup in tmp_path.glob("*.bak"):
+        backup.unlink()

@@ -12,12 +12,12 @@ import os
 import sys
 
 from lorad import __version__
-from lorad.cli import control, daemon, db, effect, reduce, report
+from lorad.cli import control, daemon, db, effect, preview, reduce, report
 from lorad.errors import LoradError
 
 # Command groups, in the order `lorad --help` lists them. Imported, not looked up: a group that
 # fails to import is an error at start, never a set of commands that silently vanish.
-_GROUPS = (reduce, effect, daemon, control, report, db)
+_GROUPS = (reduce, effect, preview, daemon, control, report, db)
 
 
 def build_parser() -> argparse.ArgumentParser:

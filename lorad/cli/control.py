@@ -121,6 +121,8 @@ def render_status(s: dict[str, Any]) -> str:
     share = f" ({saved / s['original_bytes']:.0%})" if s["original_bytes"] else ""
     lines.append(f"space: {s['loras']} LoRAs, originals {human_bytes(s['original_bytes'])}, "
                  f"now {human_bytes(s['active_bytes'])}, saved {human_bytes(saved)}{share}")  # fmt: skip
+    if s.get("node"):
+        lines.append(f"node: {s['node']}, store {s['store_dir']}" + (f" (id {s['store_id']})" if s.get("store_id") else ""))
     for w in s["watch"]:
         lines.append(f"watching: {w['path']} (policy {w['policy']})")
     if s.get("refused_files"):
@@ -301,6 +303,8 @@ def render_enqueued(r: dict[str, Any]) -> str:
 
 def render_verify(r: dict[str, Any]) -> str:
     lines = [f"verify: {'ok' if r['ok'] else 'PROBLEMS FOUND'}; {r['blobs_checked']} blobs checked"]
+    if r.get("store_identity"):
+        lines.append(f"  store identity: {r['store_identity']}")
     for key in ("corrupt", "missing", "repaired", "stray", "missing_files", "unsettled", "temp_removed"):
         if r[key]:
             lines.append(f"  {key.replace('_', ' ')}: {len(r[key])}")

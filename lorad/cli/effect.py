@@ -76,57 +76,18 @@ def _daemon_effect(args: argparse.Namespace) -> int:
     """
     import tempfile
 
-    from lorad.cli.control import _abs, socket_path
-    from lorad.daemon.control.client import Client
-    from lorad.daemon.control.protocol import ControlError
-
     if args.base is None:
         raise LoradError("lorad effect needs --base MODEL (the base model the LoRA is for)")
-    text = args.input[0]
-    target: int | str = int(text) if text.isascii() and text.isdigit() else _abs(text)
-    where = socket_path(argparse.Namespace(socket=args.socket, config=None))
-
-    def call(method: str, **params: object) -> dict:
-        # One connection per call: the measurement may outlast the daemon's idle timeout.
-        try:
-            with Client(where) as client:
-                return client.call(method, **params)
-        except ControlError as e:
-            if args.json:
-                print(json.dumps({"error": {"code": e.code, "message": e.message}}))
-            raise
-
-    files = call("effect_files", target=target, variant=args.variant)
+    call = daemon_caller(args)
+    files = call("effect_files", target=target_of(args.input[0]), variant=args.variant)
     variant, reference = files["variant"], files["reference"]
-
-    def assemble(stored: dict, into: Path) -> Path:
-        """A symlink (or a folder of them) named as the LoRA, to the stored blobs."""
-        into.mkdir()
-        for f in stored["files"]:
-            name = f["name"]
-            if not name or "/" in name or name in (".", "..") or "\0" in name:
-                raise LoradError(f"the daemon named a stored file {name!r}; refusing it")
-            if not os.access(f["path"], os.R_OK):
-                raise LoradError(f"cannot read the store's copy of variant {stored['id']} ({f['path']}): run lorad "
-                                 "effect as the daemon's user or a member of its operator group, or compare two files "
-                                 "directly with `lorad effect ORIGINAL OTHER --base MODEL`")  # fmt: skip
-        if not stored["folder"]:
-            [f] = stored["files"]
-            link = into / f["name"]
-            os.symlink(f["path"], link)
-            return link
-        folder = into / (stored["name"] or "adapter")
-        folder.mkdir()
-        for f in stored["files"]:
-            os.symlink(f["path"], folder / f["name"])
-        return folder
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from lorad.engine.effect import measure_effect
 
     with tempfile.TemporaryDirectory(prefix="lorad-effect-") as tmp:
-        original = assemble(reference, Path(tmp) / "reference")
-        other = assemble(variant, Path(tmp) / "variant")
+        original = assemble_stored(reference, Path(tmp) / "reference")
+        other = assemble_stored(variant, Path(tmp) / "variant")
         result = measure_effect(original, other, args.base, device=args.device, config=args.config)
     recorded = call("record_effect", target=files["lora"], variant=variant["id"], reference=reference["id"],
                     effect=result.to_json())  # fmt: skip
@@ -137,18 +98,73 @@ def _daemon_effect(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
 
-    def label(v: dict) -> str:
-        if v["kind"] == "original":
-            return f"#{v['id']} original"
-        param = "" if v["param"] is None else f"{v['param']:g}"
-        return f"#{v['id']} {v['method'] or 'reduced'}{param}"
-
     summary = format_summary(result, Path(files["path"]), Path(files["path"])).splitlines()[2:]
     lines = [f"lora      {files['path']}  (id {files['lora']})",
-             f"variant   {label(variant)}, compared with {label(reference)}", *summary,
+             f"variant   {variant_label(variant)}, compared with {variant_label(reference)}", *summary,
              "recorded  with the variant (lorad list, show and report show it)"]  # fmt: skip
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
+
+
+def target_of(text: str) -> int | str:
+    """A LoRA's id, or its path made absolute (the daemon's form of a target)."""
+    from lorad.cli.control import _abs
+
+    return int(text) if text.isascii() and text.isdigit() else _abs(text)
+
+
+def daemon_caller(args: argparse.Namespace):  # -> Callable[..., dict]
+    """call(method, **params) on the daemon's socket: --socket, else $LORAD_SOCKET, else the default
+    path (--config in these commands is the base model's config folder, not the daemon's). With
+    --json, an error reply is printed as JSON too. One connection per call: a measurement or a
+    render may outlast the daemon's idle timeout."""
+    from lorad.cli.control import socket_path
+    from lorad.daemon.control.client import Client
+    from lorad.daemon.control.protocol import ControlError
+
+    where = socket_path(argparse.Namespace(socket=args.socket, config=None))
+
+    def call(method: str, **params: object) -> dict:
+        try:
+            with Client(where) as client:
+                return client.call(method, **params)
+        except ControlError as e:
+            if args.json:
+                print(json.dumps({"error": {"code": e.code, "message": e.message}}))
+            raise
+
+    return call
+
+
+def assemble_stored(stored: dict, into: Path) -> Path:
+    """A symlink (or a folder of them) named as the LoRA, to the stored blobs that `effect_files`
+    named (one variant's): the store's read-only files read in place, nothing copied."""
+    into.mkdir()
+    for f in stored["files"]:
+        name = f["name"]
+        if not name or "/" in name or name in (".", "..") or "\0" in name:
+            raise LoradError(f"the daemon named a stored file {name!r}; refusing it")
+        if not os.access(f["path"], os.R_OK):
+            raise LoradError(f"cannot read the store's copy of variant {stored['id']} ({f['path']}): run the command "
+                             "as the daemon's user or a member of its operator group, or compare two files "
+                             "directly (`lorad effect ORIGINAL OTHER --base MODEL`)")  # fmt: skip
+    if not stored["folder"]:
+        [f] = stored["files"]
+        link = into / f["name"]
+        os.symlink(f["path"], link)
+        return link
+    folder = into / (stored["name"] or "adapter")
+    folder.mkdir()
+    for f in stored["files"]:
+        os.symlink(f["path"], folder / f["name"])
+    return folder
+
+
+def variant_label(v: dict) -> str:
+    if v["kind"] == "original":
+        return f"#{v['id']} original"
+    param = "" if v["param"] is None else f"{v['param']:g}"
+    return f"#{v['id']} {v['method'] or 'reduced'}{param}"
 
 
 def format_summary(result, original: Path, other: Path) -> str:  # result: EffectResult

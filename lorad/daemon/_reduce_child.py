@@ -17,6 +17,12 @@ the next. An adapter folder's original is a tree in the store (lorad.library.tre
 area, each blob's bytes checked on the way) before the engine reduces that folder into `dst`.
 The parent (lorad.daemon.worker) records the variant and applies the policy; the child touches no
 database and no watched folder.
+
+A policy with a quality_check sends `effect` in the spec ({base, config, device}): after the
+reduction the child measures the new variant against the original it just read (lorad.engine.effect,
+on the job's device) and the report message carries the figures (`effect`) or why they could not be
+had (`effect_error`). A diffusers base stays loaded between the jobs this process serves (keyed by
+its files' names, sizes and mtimes), so a folder of new LoRAs loads it once.
 """
 
 from __future__ import annotations
@@ -175,13 +181,55 @@ def run(spec: dict[str, Any], channel: _Channel) -> None:
             traceback.print_exc(file=sys.stderr)
         channel.send("error", type=type(e).__name__, message=str(e), kind=kind)
         return
-    channel.send("report", report=encode_report(report))
+    extra: dict[str, Any] = {}
+    if spec.get("effect"):
+        extra = measure_effect(spec)
+    channel.send("report", report=encode_report(report), **extra)
+
+
+def measure_effect(spec: dict[str, Any]) -> dict[str, Any]:
+    """The quality check's measurement of the variant just written against its original:
+    {"effect": EffectResult JSON} or {"effect_error": why, "reusable": bool}. Never raises: a
+    failed measurement refuses the variant (the parent's decision says why), it does not fail the
+    job. An error that is not lorad's own (a CUDA error, a loader's crash) leaves the process unfit
+    for another job: the parent then lets it go."""
+    import tempfile
+    from pathlib import Path
+
+    from lorad.errors import LoradError
+
+    gate = spec["effect"]
+    # transformers warns at import about optional backends; the daemon's log is not the place
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    src, dst = Path(spec["src"]), Path(spec["dst"])
+    try:
+        from lorad.engine.effect import kept, run
+
+        kept.keep_loaded(True)  # this process serves job after job: one base load for all
+        with tempfile.TemporaryDirectory(prefix="lorad-effect-") as tmp:
+            if src.is_dir():
+                original = src
+            else:  # the store's blob, read in place under a LoRA's name (loaders look at the suffix)
+                original = Path(tmp) / "original.safetensors"
+                os.symlink(src, original)
+            config = Path(gate["config"]) if gate.get("config") else None
+            result = run.measure(original, dst, Path(gate["base"]), samples=gate.get("samples"),
+                                 device=gate["device"], config=config)  # fmt: skip
+    except LoradError as e:
+        return {"effect_error": str(e), "reusable": True}
+    except Exception as e:  # noqa: BLE001 - told to the parent; this process is not used again
+        traceback.print_exc(file=sys.stderr)
+        return {"effect_error": f"{type(e).__name__}: {e}", "reusable": False}
+    return {"effect": result.to_json()}
 
 
 def _release_memory(torch: Any) -> None:
     """What a finished job leaves behind, given back before the process waits for the next: the
     blocks torch's CUDA allocator caches, and freed C heap that glibc would otherwise keep (the
     job's tensors themselves are freed by reference counting as its frames return)."""
+    kept = sys.modules.get("lorad.engine.effect.kept")
+    if kept is not None:  # a kept base pipeline moves off the GPU while the process waits
+        kept.park_loaded()  # type: ignore[attr-defined]
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
     try:

@@ -8,9 +8,11 @@ Relative paths are resolved against the config file's folder; `~` and `$VARS` ar
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import re
+import socket as socketlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import time
@@ -26,6 +28,7 @@ from lorad.engine.reduce.methods import validate as validate_method
 from lorad.errors import LoradError, ReduceError
 
 DEVICES = ("auto", "cpu", "cuda")
+EFFECT_EXTRA = "pip install 'lorad[effect]'"
 ACTIVATE = ("auto", "manual")
 DEFAULT_POLICY = "default"
 SOCKET_NAME = "lorad.sock"
@@ -37,6 +40,18 @@ class ConfigError(LoradError):
 
 # ---------------------------------------------------------------------------------------------
 # The configuration, as frozen data
+
+
+@dataclass(frozen=True)
+class QualityCheck:
+    """A policy's gate on the LoRA's effect: after a reduction, the variant's effect on `base` is
+    measured against the original's (lorad.engine.effect) and only a variant whose effect_retained
+    (the mean over the samples) is at least `min_effect_retained` is activated."""
+
+    base: Path  # a diffusers pipeline folder, a single-file checkpoint (with `config`), a causal-LM folder
+    min_effect_retained: float
+    config: Path | None = None  # a single-file checkpoint's local diffusers config folder
+    device: str = "auto"  # auto: the job's own device
 
 
 @dataclass(frozen=True)
@@ -58,6 +73,8 @@ class Policy:
     rank_multiple: int | None = None
     uniform: bool = False
     serve: str | None = None  # vllm, lorax or diffusers-hotswap: that server's preset
+    # The effect gate (None: none). Not part of `hash`: it decides activation, not the bytes.
+    quality_check: QualityCheck | None = None
 
     @property
     def hash(self) -> str:
@@ -152,7 +169,18 @@ class Config:
     # it lives it holds torch and, on a GPU, a CUDA context; starting one costs 1 to 2 s.
     idle_exit: float = 30.0
     gpu_busy: GpuBusy | None = GpuBusy()  # None: start jobs whatever the GPU is doing
+    # (host, port) of this node's Prometheus endpoint (lorad.daemon.metrics); None: not served.
+    metrics_listen: tuple[str, int] | None = None
+    # Fleet mode: this machine's name in the fleet, and the store's root (None: <state_dir>/store),
+    # which may be on a filesystem every node mounts; state_dir stays local.
+    node: str = field(default_factory=lambda: default_node())
+    store_dir: Path | None = None
     source: str = "<embedded default>"
+
+    @property
+    def store_root(self) -> Path:
+        """Where the blob store lives: `store_dir`, else <state_dir>/store."""
+        return self.store_dir if self.store_dir is not None else self.state_dir / "store"
 
     def policy_for(self, watch: WatchDir) -> Policy:
         return self.policies[watch.policy]
@@ -201,6 +229,14 @@ def default_socket_path(state_dir: Path | None = None) -> Path:
 def default_socket_candidates() -> tuple[Path, ...]:
     """Where a client looks when told nothing: this user's default, then the system daemon's."""
     return tuple(dict.fromkeys([default_socket_path(), Path("/run/lorad") / SOCKET_NAME]))
+
+
+NODE_MAX = 64
+
+
+def default_node() -> str:
+    """This machine's name in a fleet when the config names none: its host name."""
+    return socketlib.gethostname() or "localhost"
 
 
 def default_database(state_dir: Path) -> str:
@@ -421,9 +457,11 @@ def _path(value: Any, at: _At, base: Path) -> Path:
 _TOP_KEYS = ("state_dir", "database", "socket", "device", "watch", "policies", "schedule",
              "settle_seconds", "poll_seconds", "workers", "lease_seconds", "max_attempts",
              "operator_group", "cpu_threads", "nice", "io_idle", "idle_exit", "gpu_busy",
-             "database_busy_timeout")  # fmt: skip
+             "database_busy_timeout", "metrics_listen", "node", "store_dir")  # fmt: skip
 _POLICY_KEYS = ("method", "param", "max_rank", "budget_mb", "kohya_compat", "min_saving",
-                "min_fro_retained", "activate", "keep_variants", "rank_multiple", "uniform", "serve")  # fmt: skip
+                "min_fro_retained", "activate", "keep_variants", "rank_multiple", "uniform", "serve",
+                "quality_check")  # fmt: skip
+_QUALITY_KEYS = ("base", "min_effect_retained", "config", "device")
 _WATCH_KEYS = ("path", "recursive", "policy", "poll", "mode", "mirror_to")
 WATCH_MODES = ("replace", "mirror")
 _SCHEDULE_KEYS = ("reconcile_every", "gc_every", "retry_every", "window")
@@ -431,7 +469,48 @@ _WINDOW_KEYS = ("start", "end")
 _GPU_BUSY_KEYS = ("util_above", "free_below_mb", "check_every")
 
 
-def _policy(name: str, value: Any, at: _At) -> Policy:
+def _quality_check(value: Any, at: _At, base_dir: Path) -> QualityCheck | None:
+    """`quality_check: {base, min_effect_retained, config?, device?}` (null or off: no gate). The
+    base is classified from its files here (a header read, nothing loaded), and the libraries the
+    measurement needs are looked for, so a gate that could never pass stops the daemon at start
+    instead of refusing every variant."""
+    if value is None or value is False or value == "off":
+        return None
+    doc = _mapping(value, at, _QUALITY_KEYS)
+    for key in ("base", "min_effect_retained"):
+        if key not in doc:
+            raise at.error(f"a quality_check needs `{key}`" + (
+                " (a diffusers pipeline folder, a single-file checkpoint with `config`, or a transformers "
+                "causal-LM folder)" if key == "base" else " (e.g. 0.98: the variant keeps 98% of the LoRA's effect)"))
+    floor_at = at.child(doc, "min_effect_retained")
+    floor = doc["min_effect_retained"]
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or floor != floor:
+        raise floor_at.error(f"expected a number at most 1, got {floor!r}")
+    if floor > 1 or floor == float("-inf"):
+        raise floor_at.error(f"must be a finite number at most 1 (1: the variant keeps the whole effect; "
+                             f"effect_retained is never above 1), got {floor!r}")  # fmt: skip
+    base = _path(doc["base"], at.child(doc, "base"), base_dir)
+    folder = _path(doc["config"], at.child(doc, "config"), base_dir) if "config" in doc else None
+    device = _choice(doc.get("device", "auto"), at.child(doc, "device"), DEVICES)
+    # lorad.engine.effect.base reads file names and a safetensors header only (no torch).
+    from lorad.engine.effect.base import CAUSAL_LM, describe_base
+
+    try:
+        kind = describe_base(base, folder).kind
+    except LoradError as e:
+        key = "config" if folder is not None and str(folder) in str(e) else "base"
+        raise at.child(doc, key).error(str(e).replace("--config", "`config`")) from None
+    import importlib.util
+
+    needed = ("peft", "transformers", *(() if kind == CAUSAL_LM else ("diffusers",)))
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise at.error(f"measuring the effect needs {', '.join(missing)}, not installed: {EFFECT_EXTRA} "
+                       "(or remove quality_check)")  # fmt: skip
+    return QualityCheck(base=base, min_effect_retained=float(floor), config=folder, device=device)
+
+
+def _policy(name: str, value: Any, at: _At, base_dir: Path) -> Policy:
     doc = _mapping(value, at, _POLICY_KEYS)
     if "method" not in doc:
         raise at.error("a policy needs a `method` (" + ", ".join(METHODS) + ")")
@@ -453,6 +532,8 @@ def _policy(name: str, value: Any, at: _At) -> Policy:
     for key, check in checks.items():
         if key in doc:
             fields[key] = check(doc[key], at.child(doc, key))
+    if "quality_check" in doc:
+        fields["quality_check"] = _quality_check(doc["quality_check"], at.child(doc, "quality_check"), base_dir)
     policy = Policy(**fields)
     _check_method_param(policy, doc, at)
     try:
@@ -474,11 +555,11 @@ def _check_method_param(policy: Policy, doc: _Located, at: _At) -> None:
         raise where.error(str(e)) from None
 
 
-def _policies(value: Any, at: _At) -> dict[str, Policy]:
+def _policies(value: Any, at: _At, base_dir: Path) -> dict[str, Policy]:
     doc = _mapping(value, at)
     if not doc:
         raise at.error("define at least one policy")
-    return {name: _policy(name, doc[name], at.child(doc, name)) for name in doc}
+    return {name: _policy(name, doc[name], at.child(doc, name), base_dir) for name in doc}
 
 
 def _watch_dir(value: Any, at: _At, base: Path, policies: Mapping[str, Policy]) -> WatchDir:
@@ -593,7 +674,7 @@ def _config(doc: Any, source: str, base: Path) -> Config:
     doc = _mapping(doc, root, _TOP_KEYS)
     at = lambda key: root.child(doc, key)  # noqa: E731
     state_dir = _path(doc["state_dir"], at("state_dir"), base) if "state_dir" in doc else default_state_dir()
-    policies = _policies(doc["policies"], at("policies")) if "policies" in doc else {DEFAULT_POLICY: default_policy()}
+    policies = _policies(doc["policies"], at("policies"), base) if "policies" in doc else {DEFAULT_POLICY: default_policy()}
     group = doc.get("operator_group")
     return Config(
         state_dir=state_dir,
@@ -615,8 +696,68 @@ def _config(doc: Any, source: str, base: Path) -> Config:
         io_idle=_bool(doc.get("io_idle", True), at("io_idle")),
         idle_exit=parse_duration(doc.get("idle_exit", 30.0), at("idle_exit")) or 0.0,
         gpu_busy=_gpu_busy(doc["gpu_busy"], at("gpu_busy")) if "gpu_busy" in doc else GpuBusy(),
+        metrics_listen=parse_listen(doc["metrics_listen"], at("metrics_listen")) if "metrics_listen" in doc else None,
+        node=_node(doc["node"], at("node")) if "node" in doc else default_node(),
+        store_dir=_path(doc["store_dir"], at("store_dir"), base) if "store_dir" in doc else None,
         source=source,
     )
+
+
+def _node(value: Any, at: _At) -> str:
+    """A node name, as the fleet's records and `lorad status` show it: printable, at most 64."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise at.error(f"expected a name, got {value!r}")
+    name = str(value)
+    if not name.strip():
+        raise at.error("must not be empty")
+    if name != name.strip() or not name.isprintable():
+        raise at.error(f"must be printable, without leading or trailing spaces; got {name!r}")
+    if len(name) > NODE_MAX:
+        raise at.error(f"must be at most {NODE_MAX} characters, got {len(name)}")
+    return name
+
+
+_LISTEN_EXAMPLE = '127.0.0.1:9466, 0.0.0.0:9466 or "[::1]:9466" (quoted: YAML reads a bare [ as a list)'
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def parse_listen(value: Any, at: _At) -> tuple[str, int] | None:
+    """`host:port` (an IPv6 address in brackets) -> (host, port); off/null: None."""
+    if value is None or value is False or value == "off":
+        return None
+    if not isinstance(value, str):
+        raise at.error(f"expected host:port, e.g. {_LISTEN_EXAMPLE}; got {value!r}")
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise at.error(f"expected [IPv6 address]:port, e.g. [::1]:9466; got {value!r}")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise at.error(f"{host!r} is not an IPv6 address (in {value!r})") from None
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host:
+            raise at.error(f"expected host:port, e.g. {_LISTEN_EXAMPLE}; got {value!r}")
+        if ":" in host:
+            raise at.error(f"an IPv6 address goes in brackets, quoted: \"[{host}]:{port}\"; got {value!r}")
+        if host.replace(".", "").isdigit():
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise at.error(f"{host!r} is not an IPv4 address (in {value!r})") from None
+        elif len(host) > 253 or not all(_HOST_LABEL.match(label) for label in host.split(".")):
+            raise at.error(f"{host!r} is not a host name or address (in {value!r})")
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise at.error(f"the port must be a number 1..65535, got {port!r} (in {value!r})")
+    return host, int(port)
+
+
+def listen_text(listen: tuple[str, int]) -> str:
+    """(host, port) as written in the config: an IPv6 address in brackets."""
+    host, port = listen
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _nice(value: Any, at: _At) -> int:

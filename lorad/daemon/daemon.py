@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
-import socket as socketlib
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from lorad.daemon.config import Config, Policy, WatchDir
 from lorad.daemon.control import methods
 from lorad.daemon.control.protocol import Code, ControlError
 from lorad.daemon.control.server import Authorizer, ControlServer, claim_socket_path, group_id
+from lorad.daemon.metrics import Metrics
 from lorad.daemon.queue import JobView, Queue
 from lorad.daemon.reduction import probe_device
 from lorad.daemon.watch import Signature, Watcher, signature
@@ -82,6 +82,7 @@ class Daemon:
         self.queue: Queue
         self.watcher: Watcher
         self.server: ControlServer | None = None
+        self.metrics: Metrics | None = None  # the Prometheus endpoint (metrics_listen)
         self._scheduler: Any = None
         self._lock_file: int | None = None
         self._last_ping = 0.0
@@ -106,13 +107,16 @@ class Daemon:
         secure_dir(cfg.state_dir, Modes(group_id(cfg.operator_group)))  # private before anything lands in it
         self._lock_state_dir()
         claim_socket_path(cfg.socket)  # refuse early when another daemon listens there
+        if cfg.metrics_listen is not None:  # refuses at once when prometheus_client is missing
+            self.metrics = Metrics(self, cfg.metrics_listen)
         notify.status("migrating the database")
         from lorad.library.library import Library  # heavy imports (torch) after the cheap checks
 
         mirrors = {w.path: w.mirror_to for w in cfg.watch if w.mirror_to is not None}
         self.library = Library(cfg.state_dir, [w.path for w in cfg.watch], cfg.database,
                                operator_gid=group_id(cfg.operator_group), mirrors=mirrors,
-                               busy_timeout_ms=round(cfg.database_busy_timeout * 1000))  # fmt: skip
+                               busy_timeout_ms=round(cfg.database_busy_timeout * 1000),
+                               store_dir=cfg.store_root, check_store_identity=True, node=cfg.node)  # fmt: skip
         self.queue = Queue(self.library.db, cfg.lease_seconds, cfg.max_attempts)
         requeued = self.queue.requeue_expired()
         if requeued:
@@ -126,6 +130,8 @@ class Daemon:
         self.server = ControlServer(cfg.socket, methods.build(self), Authorizer(os.getuid(), group_id(cfg.operator_group)),
                                     group=group_id(cfg.operator_group))  # fmt: skip
         self.server.start()
+        if self.metrics is not None:
+            self.metrics.start()  # a port in use stops the start here, before any work is taken
         self._pass_by_unchanged()
         self.watcher.start()
         # Outside the reduction window no job may start, not even before the timers run.
@@ -146,10 +152,11 @@ class Daemon:
         count = 1 if self.device.startswith("cuda") else self.config.workers
         if count != self.config.workers:
             log.info("one worker owns the GPU", configured=self.config.workers)
-        host = socketlib.gethostname()
+        host = self.config.node
         gpu = gpu_probe(self.config, self.device)
-        return [Worker(f"{host}:{os.getpid()}:w{i}", self.queue, runner, self.gate, self.config.lease_seconds, gpu=gpu)
-                for i in range(count)]  # fmt: skip
+        finished = self.metrics.job_finished if self.metrics is not None else None
+        return [Worker(f"{host}:{os.getpid()}:w{i}", self.queue, runner, self.gate, self.config.lease_seconds, gpu=gpu,
+                       on_finished=finished) for i in range(count)]  # fmt: skip
 
     def supervise(self) -> None:
         while not self.stop_event.wait(SUPERVISE_EVERY):
@@ -188,11 +195,14 @@ class Daemon:
         if getattr(self, "watcher", None) is not None:
             self.watcher.stop()
         for w in self.workers:
-            w.stop(STOP_GRACE)
+            if w.alive():  # a start that failed part-way (metrics_listen's port in use) made some unstarted
+                w.stop(STOP_GRACE)
         if self.runner is not None:
             self.runner.close()
         if self.server is not None:
             self.server.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.library is not None:
             self.library.close()
         if self._lock_file is not None:
@@ -266,6 +276,11 @@ class Daemon:
             log.info("jobs retried", jobs=revived)
             self.gate.poke()
         return revived
+
+    def leading(self) -> dict[Path, bool]:
+        """The watched folders and whether this node watches each now (the metrics' leader gauge).
+        Every node watches all its folders today."""
+        return {w.path: True for w in self.config.watch}
 
     def waiting(self) -> str | None:
         """Why due jobs are not starting (e.g. a busy GPU), or None."""

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import IO, Any
 
 from lorad import errors
@@ -75,6 +76,16 @@ def _rebuilt_error(kind: str, type_name: str, message: str) -> Exception:
     return ChildFailed(f"{type_name}: {message}")
 
 
+@dataclass(frozen=True)
+class Reduced:
+    """A job's outcome from the child: the engine's Report and, when the spec asked for the quality
+    check, the effect measurement's figures (EffectResult JSON) or why there are none."""
+
+    report: Any
+    effect: dict[str, Any] | None = None
+    effect_error: str | None = None
+
+
 class ReductionProcess:
     """One child serving jobs: a spec per line on its stdin, JSON-line messages on a pipe of its own
     (so nothing the engine prints can be mistaken for one)."""
@@ -108,10 +119,10 @@ class ReductionProcess:
     def alive(self) -> bool:
         return not self._closed and self.proc.poll() is None
 
-    def run(self, spec: dict[str, Any], progress: Callable[[int, int], None]) -> Any:
-        """The Report; raises the child's error, ChildFailed when it died without one, or whatever
-        `progress` raises (JobAbandoned). Afterwards `reusable` says whether the process may serve
-        another job."""
+    def run(self, spec: dict[str, Any], progress: Callable[[int, int], None]) -> Reduced:
+        """The Report, with the effect measurement when the spec asks for one; raises the child's
+        error, ChildFailed when it died without one, or whatever `progress` raises (JobAbandoned).
+        Afterwards `reusable` says whether the process may serve another job."""
         self.jobs += 1
         self.reusable = False
         stdin: IO[bytes] | None = self.proc.stdin
@@ -128,8 +139,10 @@ class ReductionProcess:
             raise ChildFailed(f"the reduction process (pid {self.proc.pid}) {how} before it reported a result")
         self.idle_since = time.monotonic()
         if outcome["event"] == "report":
-            self.reusable = True
-            return decode_report(outcome["report"])
+            # A measurement that failed in a way that may leave torch unusable (a CUDA error):
+            # the report stands, but the process is not given another job.
+            self.reusable = bool(outcome.get("reusable", True))
+            return Reduced(decode_report(outcome["report"]), outcome.get("effect"), outcome.get("effect_error"))
         self.reusable = outcome["kind"] == "permanent"  # the input's fault, not the process's
         raise _rebuilt_error(outcome["kind"], outcome["type"], outcome["message"])
 

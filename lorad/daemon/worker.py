@@ -38,6 +38,7 @@ from lorad.errors import (
     StoreError,
     TransientError,
 )
+from lorad.library import effects
 from lorad.library.db import repo
 from lorad.log import get_logger
 
@@ -73,20 +74,29 @@ class Decision:
     fro_retained: float | None  # the whole file's energy-weighted retained Frobenius ratio
     refused_by: str | None = None  # the policy setting that refused the variant
     would_pass: float | None = None  # the loosest value of that setting the variant fails, relaxed
+    effect_retained: float | None = None  # the quality check's figure (mean over samples), if measured
 
     def to_json(self) -> dict[str, object]:
-        return {"activate": self.activate, "reason": self.reason, "saving": round(self.saving, 6),
-                "fro_retained_file": self.fro_retained, "refused_by": self.refused_by,
-                "would_pass": self.would_pass}  # fmt: skip
+        doc: dict[str, object] = {
+            "activate": self.activate, "reason": self.reason, "saving": round(self.saving, 6),
+            "fro_retained_file": self.fro_retained, "refused_by": self.refused_by, "would_pass": self.would_pass,
+        }  # fmt: skip
+        if self.effect_retained is not None:
+            doc["effect_retained"] = self.effect_retained
+        return doc
 
 
 def _floor(x: float, digits: int) -> float:
     return math.floor(x * 10**digits) / 10**digits
 
 
-def decide(policy: Policy, bytes_in: int, bytes_out: int, fro_retained: float | None) -> Decision:
+def decide(policy: Policy, bytes_in: int, bytes_out: int, fro_retained: float | None,
+           effect_retained: float | None = None, effect_error: str | None = None) -> Decision:  # fmt: skip
     """Whether a variant should be activated under `policy`, and why (or why not). A refusal names
-    the setting (policies.<name>.<key>) and the value of it that would have let the variant pass."""
+    the setting (policies.<name>.<key>) and the value of it that would have let the variant pass.
+
+    Under a quality_check, `effect_retained` is the measured figure (mean over the samples) and
+    `effect_error` why there is none; a variant with no figure is never activated."""
     saving = 1.0 - bytes_out / bytes_in if bytes_in > 0 else 0.0
     fro_text = "n/a" if fro_retained is None else f"{fro_retained:.4f}"
     where = f"policies.{policy.name}"
@@ -109,10 +119,37 @@ def decide(policy: Policy, bytes_in: int, bytes_out: int, fro_retained: float | 
         reason = (f"keeps {fro_text} of the file's Frobenius norm, less than min_fro_retained {floor} "
                   f"(set by {where}.min_fro_retained); {hint}")  # fmt: skip
         return Decision(False, reason, saving, fro_retained, "min_fro_retained", passing)
+    gate, effect_text = policy.quality_check, ""
+    if gate is not None:
+        if effect_retained is None:
+            why = effect_error or "no measurement came back"
+            reason = (f"the quality check could not measure the LoRA's effect on {gate.base}, so the variant "
+                      f"is not activated unchecked (set by {where}.quality_check): {why}")  # fmt: skip
+            return Decision(False, reason, saving, fro_retained, "quality_check", None)
+        shown = _floor(effect_retained, 4)
+        if effect_retained < gate.min_effect_retained:
+            reason = (f"effect_retained {shown:.4f} is below quality_check.min_effect_retained "
+                      f"{gate.min_effect_retained:g} (set by {where}.quality_check.min_effect_retained); "
+                      f"a min_effect_retained of {shown:.4f} or lower would have passed")  # fmt: skip
+            return Decision(False, reason, saving, fro_retained, "quality_check.min_effect_retained", shown,
+                            effect_retained)  # fmt: skip
+        effect_text = f", effect_retained {shown:.4f} (quality_check.min_effect_retained {gate.min_effect_retained:g})"
     if policy.activate == "manual":
-        reason = f"passes (saves {saving:.1%}, keeps {fro_text}) but policy {policy.name} activates manually"
-        return Decision(False, reason, saving, fro_retained, "activate", None)
-    return Decision(True, f"saves {saving:.1%}, keeps {fro_text} of the file's Frobenius norm", saving, fro_retained)
+        reason = (f"passes (saves {saving:.1%}, keeps {fro_text}{effect_text}) but policy {policy.name} "
+                  "activates manually")  # fmt: skip
+        return Decision(False, reason, saving, fro_retained, "activate", None, effect_retained)
+    return Decision(True, f"saves {saving:.1%}, keeps {fro_text} of the file's Frobenius norm{effect_text}",
+                    saving, fro_retained, effect_retained=effect_retained)  # fmt: skip
+
+
+def quality_spec(policy: Policy, device: str) -> dict[str, Any] | None:
+    """What the reduction process needs to measure the new variant under the policy's quality_check
+    (None: no gate). `auto` is the job's own device, so gpu_busy, checked before the job, covers it."""
+    gate = policy.quality_check
+    if gate is None:
+        return None
+    return {"base": str(gate.base), "config": None if gate.config is None else str(gate.config),
+            "device": device if gate.device == "auto" else gate.device}  # fmt: skip
 
 
 def settings_for(policy: Policy, device: str) -> dict[str, Any]:
@@ -152,7 +189,8 @@ class Runner:
                 remove_tree(leftover)
 
     def spec(self, policy: Policy, src: Path, dst: Path, tree: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {"src": str(src), "dst": str(dst), "settings": settings_for(policy, self.device), "tree": tree}
+        return {"src": str(src), "dst": str(dst), "settings": settings_for(policy, self.device), "tree": tree,
+                "effect": quality_spec(policy, self.device)}  # fmt: skip
 
     def close(self) -> None:
         """Let the idle reduction processes exit (a running job's is the worker's to stop)."""
@@ -178,30 +216,50 @@ class Runner:
         process = self.processes.take()
         try:
             try:
-                report = process.run(self.spec(policy, src, dst, tree), progress)
+                reduced = process.run(self.spec(policy, src, dst, tree), progress)
             finally:
                 self.processes.give_back(process, process.reusable)
+            report = reduced.report
             variant = self.library.add_variant(job.lora_id, report, actor="worker", source=job.blob_sha256)
         finally:
             for made in (dst, temp_name(dst), *([src] if tree is not None else [])):
                 remove_tree(made)  # what the child made (or was writing when killed)
-        decision = decide(policy, report.input.bytes, report.output.bytes, report.fro_retained_file)
+        effect, effect_error = self._record_effect(policy, variant.id, reduced)
+        decision = decide(policy, report.input.bytes, report.output.bytes, report.fro_retained_file,
+                          effect, effect_error)  # fmt: skip
         decision = self._apply(job, policy, variant.id, decision)
         self._record(job, policy, variant.id, decision, report)
         log.info("job done", job=job.id, variant=variant.id, policy=policy.name, device=report.device,
                  **decision.to_json())  # fmt: skip
         return variant.id
 
+    def _record_effect(self, policy: Policy, variant_id: int, reduced: Any) -> tuple[float | None, str | None]:
+        """The quality check's figures recorded with the variant (as `lorad effect` records them,
+        against the variant it was made from): (effect_retained, None), or (None, why not). A figure
+        that cannot be recorded is no figure: the decision then refuses the variant."""
+        if policy.quality_check is None:
+            return None, None
+        if reduced.effect is None:
+            return None, reduced.effect_error or "the reduction process sent no measurement"
+        try:
+            figures = effects.parse(reduced.effect)
+            self.library.record_effect(variant_id, figures, actor=f"policy:{policy.name}")
+        except (LoradError, OSError) as e:
+            log.warning("the quality check's figures were not recorded", variant=variant_id, error=str(e))
+            return None, f"its figures could not be recorded: {e}"
+        return figures.effect_retained, None
+
     def _apply(self, job: JobView, policy: Policy, variant_id: int, decision: Decision) -> Decision:
         if not decision.activate:
             return decision
         if self.library.original_sha256(job.lora_id) != job.blob_sha256:
             return Decision(False, "the file's original changed since this job was queued; not activated",
-                            decision.saving, decision.fro_retained)  # fmt: skip
+                            decision.saving, decision.fro_retained, effect_retained=decision.effect_retained)  # fmt: skip
         try:
             lora = self.library.activate(job.lora_id, variant_id, actor=f"policy:{policy.name}")
         except StoreError as e:
-            return Decision(False, f"not activated: {e}", decision.saving, decision.fro_retained)
+            return Decision(False, f"not activated: {e}", decision.saving, decision.fro_retained,
+                            effect_retained=decision.effect_retained)  # fmt: skip
         self._on_written(lora.path)
         return decision
 
@@ -302,7 +360,9 @@ class GpuProbe:
 def gpu_probe(config: Config, device: str) -> GpuProbe | None:
     if config.gpu_busy is None:
         return None
-    return GpuProbe(config.gpu_busy, gpu_jobs=device.startswith("cuda"))
+    # A quality check told to measure on cuda uses the GPU even when the reductions run on the CPU.
+    gates = [p.quality_check.device for p in config.policies.values() if p.quality_check is not None]
+    return GpuProbe(config.gpu_busy, gpu_jobs=device.startswith("cuda") or "cuda" in gates)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,8 +423,11 @@ class Running:
 class Worker:
     def __init__(self, name: str, queue: Queue, runner: Callable[[JobView, Callable[[int, int], None]], int],
                  gate: Gate, lease_seconds: float, idle_seconds: float = 1.0,
-                 gpu: GpuProbe | None = None) -> None:  # fmt: skip
+                 gpu: GpuProbe | None = None,
+                 on_finished: Callable[[str, float], None] | None = None) -> None:  # fmt: skip
         self.name = name
+        # Told (the job's state after it, seconds it ran) once a job's outcome is recorded (metrics).
+        self.on_finished = on_finished
         self.queue = queue
         self.runner = runner
         self.gate = gate
@@ -479,12 +542,14 @@ class Worker:
         try:
             if kind == "done":
                 self.queue.complete(job.id, self.name, value)  # type: ignore[arg-type]
+                self._finished("done")
             elif kind == "abandoned":
                 self.queue.release(job.id, self.name)
                 log.info("job given back", job=job.id)
             else:
                 assert isinstance(value, BaseException)
                 after = self.queue.fail(job.id, self.name, error_text(value), permanent=kind == "permanent")
+                self._finished(after.state)
                 unexpected = kind == "transient" and not isinstance(value, TransientError)
                 log.error("job failed", job=job.id, error=error_text(value), state=after.state, kind=kind,
                           attempts=after.attempts, not_before=str(after.not_before),
@@ -493,6 +558,14 @@ class Worker:
             log.warning("job outcome not recorded: lease lost", job=job.id, outcome=kind, error=str(e))
         except Exception:  # noqa: BLE001
             log.exception("recording the job's outcome failed", job=job.id, outcome=kind)
+
+    def _finished(self, state: str) -> None:
+        running = self.running
+        if self.on_finished is not None and running is not None:
+            try:
+                self.on_finished(state, time.monotonic() - running.started)
+            except Exception:  # noqa: BLE001 - counting must never fail a job
+                log.exception("on_finished hook failed", job=running.job.id)
 
     def _heartbeat(self, running: Running, stop: threading.Event) -> None:
         every = max(0.2, self.lease_seconds / 3)

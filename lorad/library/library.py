@@ -35,11 +35,18 @@ from lorad._fileio import check_regular
 from lorad.engine.formats.safetensors_file import read_header
 from lorad.engine.report import Report
 from lorad.errors import LoradError, StoreError
-from lorad.library import effects, folder_swap, folders, listing, trees, upkeep
+from lorad.library import effects, folder_swap, folders, listing, store_identity, trees, upkeep
 from lorad.library.core import Core, header_ranks
 from lorad.library.db import repo
 from lorad.library.db.models import Blob, Lora, Variant
-from lorad.library.db.session import BUSY_TIMEOUT_MS, Database, DatabaseUnavailable, default_url, sqlite_path
+from lorad.library.db.session import (
+    BUSY_TIMEOUT_MS,
+    Database,
+    DatabaseUnavailable,
+    default_url,
+    sqlite_path,
+    unreachable,
+)
 from lorad.library.hashes import HashHit, claim_names, parse_query
 from lorad.library.reconcile import Unchanged, unchanged
 from lorad.library.reconcile import reconcile as reconcile_records
@@ -93,11 +100,20 @@ class Library:
         operator_gid: int | None = None,
         busy_timeout_ms: int = BUSY_TIMEOUT_MS,
         mirrors: Mapping[Path, Path] | None = None,
+        store_dir: Path | None = None,
+        check_store_identity: bool = False,
+        node: str | None = None,
     ) -> None:
         """operator_gid: the operator group, which may read the state (lorad.state_dir).
         busy_timeout_ms: how long a write waits for another holder of SQLite's write lock before
         the operation fails with DatabaseUnavailable (a TransientError).
-        mirrors: watched root -> mirror_to, for the roots in mirror mode (lorad.library.mirror)."""
+        mirrors: watched root -> mirror_to, for the roots in mirror mode (lorad.library.mirror).
+        store_dir: the blob store's root (default <state_dir>/store); a fleet's is on a shared filesystem.
+        check_store_identity: check the store's id against the database's before anything is
+        written into the store (created at the first start; lorad.library.store_identity), as the
+        daemon does; `node` is recorded as its creator.
+        A database that cannot be opened or migrated is one DatabaseUnreachable (the URL without
+        its password, and the cause)."""
         self.modes = Modes(operator_gid)
         self.state_dir = Path(state_dir).resolve()
         secure_dir(self.state_dir, self.modes)
@@ -107,15 +123,31 @@ class Library:
         db_file = sqlite_path(self.database_url)
         if db_file is not None:
             secure_sqlite(db_file, self.modes)
-        if migrate_on_open:
-            from lorad.library.db import migrate  # Alembic is only needed here: keep it out of a bare import
+        store_root = Path(os.path.abspath(store_dir)) if store_dir is not None else self.state_dir / "store"
+        db: Database | None = None
+        self.store_id: str | None = None
+        try:
+            if migrate_on_open:
+                from lorad.library.db import migrate  # Alembic is only needed here: keep it out of a bare import
 
-            migrate.upgrade(self.database_url)
+                migrate.upgrade(self.database_url)
+            db = Database(self.database_url, busy_timeout_ms)
+            if check_store_identity:
+                self.store_id = store_identity.claim(db, store_root, node).store_id
+        except (SQLAlchemyError, ImportError) as e:
+            if db is not None:
+                db.close()
+            raise unreachable(self.database_url, e) from e
+        except BaseException:
+            if db is not None:
+                db.close()
+            raise
+        assert db is not None
         swap_area = self.state_dir / "swap"
         swap_area.mkdir(mode=0o700, exist_ok=True)
         self.core = Core(
-            db=Database(self.database_url, busy_timeout_ms),
-            store=Store(self.state_dir / "store", link_mode, self.modes.blob, operator_gid),
+            db=db,
+            store=Store(store_root, link_mode, self.modes.blob, operator_gid),
             swap_area=swap_area,
             mirrors=self.mirrors,
         )
@@ -265,6 +297,12 @@ class Library:
         with self.db.read() as s:
             rows = [refusal_view(s, r) for r in repo.all_refusals(s)]
         return [r for r in rows if os.path.lexists(r.path)]
+
+    def refusal_counts(self) -> dict[str, int]:
+        """Refused paths by cause, counted by the database (paths gone since are counted until the
+        next reconcile scan forgets them; `refusals` leaves them out)."""
+        with self.db.read() as s:
+            return repo.refusal_counts(s)
 
     def refusal(self, path: str | os.PathLike[str]) -> RefusalView | None:
         """The refusal recorded for `path` as named (absolute, not resolved: a symlink's own name)."""

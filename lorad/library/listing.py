@@ -97,7 +97,8 @@ def totals(s: Session) -> Totals:
     sums = (func.count(Lora.id), func.sum(j.original_bytes),
             func.sum(case((j.original_bytes.is_not(None), j.active_bytes))))  # fmt: skip
     count, original, active = s.connection().execute(j.query.with_only_columns(*sums)).one()
-    return Totals(count or 0, original or 0, active or 0)
+    # int(): PostgreSQL sums a BIGINT column as NUMERIC (a Decimal), which JSON would carry as a string.
+    return Totals(int(count or 0), int(original or 0), int(active or 0))
 
 
 def page(s: Session, refused: Sequence[Refused] = (), *, folder: str | None = None, policy: str | None = None,

@@ -171,12 +171,15 @@ class VerifyReport:
     unsettled: tuple[Path, ...] = ()  # watched files not (yet) complete safetensors
     refused: tuple[tuple[Path, str], ...] = ()  # (path, reason): no regular file, or unreadable
     temp_removed: tuple[Path, ...] = ()
+    # What is wrong with the store's identity (lorad.library.store_identity): store_dir no longer
+    # holds the database's store (an unmounted share). Then nothing else was checked or touched.
+    store_identity: str | None = None
 
     @property
     def ok(self) -> bool:
-        """True when every record has its bytes (after repairs)."""
+        """True when every record has its bytes (after repairs) in the store the records describe."""
         lost = set(self.corrupt) | set(self.missing)
-        return not (lost - set(self.repaired))
+        return not (lost - set(self.repaired)) and self.store_identity is None
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The content-addressed blob store and atomic writes into watched folders.
 
-Layout under the state directory:
+Layout under the store's root (<state_dir>/store, or `store_dir`, which a fleet shares):
   objects/sha256/ab/<hex>   read-only blobs, named by the sha256 of their bytes
   tmp/                      partial ingests (same filesystem, so the final rename is atomic)
   bad/                      blobs that failed a re-hash, kept for inspection (never reused)
@@ -354,11 +354,15 @@ class Store:
         return hasher.info()
 
     def _place(self, tmp: Path, sha256: str) -> None:
+        # Another process (a node sharing this store) may place the same blob at the same time:
+        # each renames its own complete, verified temp file, so the address holds whole, identical
+        # bytes whichever rename comes last.
         final = self.path_of(sha256)
         if final.exists():
             if self.is_intact(sha256):
                 return
-            self.quarantine(sha256)  # a damaged copy: the fresh one replaces it
+            with contextlib.suppress(FileNotFoundError):  # (another process moved it aside first)
+                self.quarantine(sha256)  # a damaged copy: the fresh one replaces it
         shard_is_new = not final.parent.exists()
         final.parent.mkdir(exist_ok=True)
         os.replace(tmp, final)

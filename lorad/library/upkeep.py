@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from lorad._atomic import remove_tree, temp_name
 from lorad.errors import FormatError, LoradError, StoreError
-from lorad.library import folders, trees
+from lorad.library import folders, store_identity, trees
 from lorad.library.core import Core
 from lorad.library.db import repo
 from lorad.library.db.models import Blob, Lora, utcnow
@@ -50,6 +50,15 @@ def verify(core: Core, actor: str = "verify", stale_after: timedelta = timedelta
     remove lorad's own temp files older than `stale_after`. A watched path that is no regular
     file (a FIFO...) or cannot be read is reported with its reason, never opened or waited on."""
     with core.lock:
+        identity = store_identity.problem(core.db, core.store.root)
+        if identity is not None:
+            # Not the store the records describe (an unmounted share): every blob would look
+            # missing and repairs would write into the wrong folder. Say so and touch nothing.
+            log.error("store identity mismatch", problem=identity)
+            report = VerifyReport(blobs_checked=0, store_identity=identity)
+            with core.db.write() as s:
+                repo.record_event(s, "verified", actor, **_verify_summary(report))
+            return report
         tally = _VerifyTally()
         checked = _verify_blobs(core, tally, actor)
         with core.db.read() as s:
@@ -213,6 +222,7 @@ def _verify_summary(report: VerifyReport) -> dict[str, Any]:
         "unsettled": [shown(p) for p in report.unsettled],
         "refused": [{"path": shown(p), "reason": reason} for p, reason in report.refused],
         "temp_removed": [shown(p) for p in report.temp_removed],
+        **({"store_identity": report.store_identity} if report.store_identity else {}),
     }
 
 

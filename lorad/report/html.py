@@ -22,6 +22,13 @@ render_lora(doc), doc = {
                "params_out", "skipped": str | None}],   # of the variant `shown_variant_id`
   "shown_variant_id": int | None,
   "spectra": [{"name", "values": [float, ...] (descending), "cut": int (directions kept)}],
+  "preview": optional, lorad.report.preview's input plus "variant_id" and "reference_id" (the variants
+             rendered; labels come from "variants"): adds the Preview section (`lorad preview`),
+}
+
+render_preview(doc), the standalone page of `lorad preview ORIGINAL OTHER`, doc = {
+  "generated_at": str, "original": str, "other": str (the two files' paths),
+  "preview": lorad.report.preview's input,
 }
 
 render_library(doc), doc = {
@@ -47,8 +54,9 @@ from typing import Any
 from lorad._atomic import replacing
 from lorad.report import _svg
 from lorad.report._svg import esc, fmt_bytes, fmt_count, fmt_fro, fmt_param, fmt_pct, saving
+from lorad.report.preview import PREVIEW_CSS, preview_section
 
-__all__ = ["render_lora", "render_library", "write_html", "block_of", "OPEN_MODULE_LIMIT"]
+__all__ = ["render_lora", "render_library", "render_preview", "write_html", "block_of", "OPEN_MODULE_LIMIT"]
 
 # Above this many modules the per-block module charts start folded (the block overview stays open).
 OPEN_MODULE_LIMIT = 400
@@ -255,7 +263,7 @@ def _page(title: str, body: str, script: str | None = None) -> str:
         f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
         '<meta name="referrer" content="no-referrer">'
         '<meta name="generator" content="lorad">'
-        f"<title>{esc(title)}</title><style>{_CSS}</style></head>\n"
+        f"<title>{esc(title)}</title><style>{_CSS}{PREVIEW_CSS}</style></head>\n"
         f"<body>{body}{tail}</body></html>\n"
     )
 
@@ -328,11 +336,39 @@ def render_lora(doc: Mapping[str, Any]) -> str:
         _sizes_section(variants, original),
         _decision_section(variants, lora.get("policy")),
         _variants_section(variants, original),
+        _preview_of(doc.get("preview"), variants),
         _modules_section(modules, shown, active, _spectra_section(spectra)),
         _hashes_section(original, active),
     ]
     body = header + "<main>" + "".join(parts) + "</main>" + _footer(doc.get("generated_at"))
     return _page(f"lorad report: {name}", body)
+
+
+def _preview_of(preview: object, variants: list[Mapping[str, Any]]) -> str:
+    if not isinstance(preview, Mapping):
+        return ""
+    by_id = {int(v["id"]): v for v in variants}
+
+    def label(key: str, default: str) -> str:
+        v = by_id.get(int(preview[key])) if preview.get(key) is not None else None
+        return _variant_label(v) if v else default
+
+    return preview_section(preview, label("reference_id", "original"), label("variant_id", "variant"))
+
+
+def render_preview(doc: Mapping[str, Any]) -> str:
+    """`lorad preview ORIGINAL OTHER`: a page with the Preview section of two files (no daemon)."""
+    original, other = str(doc.get("original") or ""), str(doc.get("other") or "")
+    header = (
+        '<header class="top"><div class="brand">lorad preview</div>'
+        f'<h1 id="lora-name">{esc(_name_of(other))}</h1>'
+        f'<p class="path">original <span class="mono" id="preview-original">{esc(original)}</span><br>'
+        f'other <span class="mono" id="preview-other">{esc(other)}</span></p>'
+        f'<p class="meta">generated {esc(doc.get("generated_at") or "-")}</p></header>'
+    )
+    section = preview_section(doc["preview"], f"original ({_name_of(original)})", f"other ({_name_of(other)})")
+    body = header + "<main>" + section + "</main>" + _footer(doc.get("generated_at"))
+    return _page(f"lorad preview: {_name_of(other)}", body)
 
 
 def _lora_cards(original: Mapping[str, Any] | None, active: Mapping[str, Any] | None,

@@ -96,6 +96,9 @@ class Methods:
             "refused_files": len(d.watcher.refused()),
             "ingesting": d.watcher.progress.now(),  # {"done", "total"} of the files scans found
             "files_hashed": d.library.files_hashed,
+            "node": d.config.node,
+            "store_dir": str(d.library.store.root),
+            "store_id": d.library.store_id,
         }
 
     def list(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
@@ -257,6 +260,7 @@ class Methods:
             "unsettled": [str(p) for p in report.unsettled],
             "refused": [{"path": str(p), "reason": reason} for p, reason in report.refused],
             "temp_removed": [str(p) for p in report.temp_removed],
+            "store_identity": report.store_identity,
         }
 
     def gc(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:

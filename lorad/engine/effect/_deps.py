@@ -15,13 +15,13 @@ from lorad.errors import LoradError
 _EXTRA = "pip install 'lorad[effect]'"
 
 
-def require(*modules: str) -> None:
+def require(*modules: str, what: str = "measuring a LoRA's effect") -> None:
     """Import each module, or say in one line what to install."""
     for name in modules:
         try:
             importlib.import_module(name)
         except ImportError as e:
-            raise LoradError(f"measuring a LoRA's effect needs {name} ({e}): {_EXTRA}") from None
+            raise LoradError(f"{what} needs {name} ({e}): {_EXTRA}") from None
 
 
 @contextlib.contextmanager

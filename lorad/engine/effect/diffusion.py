@@ -9,6 +9,7 @@ other), all prompts in one batch, with two hooks on the denoiser (`unet` or `tra
   the LoRA loaded, so text-encoder modules count in the effect).
 Each LoRA goes in with the pipeline's own `load_lora_weights` (diffusers is the loader measured) and
 out with `unload_lora_weights`. Everything runs in float32.
+A long-lived process may keep the base loaded between measurements (lorad.engine.effect.kept).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from lorad.engine.effect._deps import loaded_layers, one_line, quiet
 from lorad.engine.effect.base import SINGLE_FILE, Base
+from lorad.engine.effect.kept import KEPT
 from lorad.engine.effect.measure import effect_retained
 from lorad.engine.effect.samples import denoiser_samples
 from lorad.errors import LoradError
@@ -34,7 +36,13 @@ class _Stop(Exception):
 def run(original: Path, other: Path, base: Base, samples: dict | None, device: str) -> tuple[list[float], dict]:
     """(effect retained per sample, the sample set as recorded)."""
     s = denoiser_samples(samples)
-    pipe = load_pipeline(base, device)
+    pipe = KEPT.take(base, device, load_pipeline)
+    result = _measure(pipe, original, other, s)  # a failure drops the pipeline, whatever its state
+    KEPT.give_back(base, pipe)
+    return result
+
+
+def _measure(pipe, original: Path, other: Path, s: dict) -> tuple[list[float], dict]:
     denoiser = _denoiser(pipe)
     for key in ("height", "width"):
         s[key] = s[key] or _default_size(pipe, denoiser)
@@ -43,7 +51,7 @@ def run(original: Path, other: Path, base: Base, samples: dict | None, device: s
     s["timesteps"] = [reference.timesteps[c] for c in s["calls"]]
     effects = {}
     for name, path in (("original", original), ("other", other)):
-        _load_lora(pipe, path, name)
+        load_lora(pipe, path, name)
         try:
             hooks = _run(pipe, denoiser, s, pinned=reference.inputs)
         finally:
@@ -95,7 +103,7 @@ def _default_size(pipe, denoiser: torch.nn.Module) -> int | None:
     return size * factor if isinstance(size, int) and isinstance(factor, int) else None
 
 
-def _load_lora(pipe, path: Path, name: str) -> None:
+def load_lora(pipe, path: Path, name: str) -> None:
     parts = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
     try:
         with quiet(logging.CRITICAL):

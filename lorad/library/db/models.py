@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -328,3 +329,19 @@ class Refusal(Base):
     file_stamp: Mapped[str | None] = mapped_column(Text)  # FileStamp.token of what was refused
     first_seen: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class StoreIdentity(Base):
+    """The store this database's records describe (lorad.library.store_identity): one row, whose
+    `store_id` is also written in the store's root. `confirmed_at` is set once that file is known
+    written; until then a node may (re)write it."""
+
+    __tablename__ = "store_identity"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    store_id: Mapped[str] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(Text)  # the node that created (or adopted) it
+    adopted: Mapped[bool] = mapped_column(Boolean, default=False)  # given to a store that had blobs
+    confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

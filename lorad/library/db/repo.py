@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from lorad.engine.report import Report
@@ -95,9 +96,19 @@ def ensure_blob(s: Session, record: BlobRecord) -> Blob:
             kind=record.kind,
             ranks=_ranks_column(record.ranks),
         )
-        s.add(blob)
-        s.flush()
-        return blob
+        if s.get_bind().dialect.name == "sqlite":  # writers are serialised (BEGIN IMMEDIATE)
+            s.add(blob)
+            s.flush()
+            return blob
+        try:
+            with s.begin_nested():  # another node may record the same bytes at the same instant
+                s.add(blob)
+            return blob
+        except IntegrityError:
+            found = s.get(Blob, record.sha256)  # it committed first: its row stands for both
+            if found is None:
+                raise
+            blob = found
     # Recorded before lorad computed these; the same bytes came again.
     if blob.blake3 is None and record.blake3 is not None:
         blob.blake3 = record.blake3
@@ -388,6 +399,11 @@ def refusal_at(s: Session, path: str) -> Refusal | None:
 
 def all_refusals(s: Session) -> Sequence[Refusal]:
     return s.scalars(select(Refusal).order_by(Refusal.path)).all()
+
+
+def refusal_counts(s: Session) -> dict[str, int]:
+    """How many paths are refused, by cause (one GROUP BY: the metrics scrape's figure)."""
+    return {cause: n for cause, n in s.execute(select(Refusal.cause, func.count()).group_by(Refusal.cause)).all()}
 
 
 def record_refusal(s: Session, path: str, cause: str, reason: str, stamp: str | None) -> Refusal:

@@ -44,6 +44,44 @@ def _raise_transient(error: OperationalError) -> None:
         raise DatabaseUnavailable(f"the database is unavailable for now ({text}); try again later") from error
 
 
+class DatabaseUnreachable(StoreError):
+    """The database cannot be used at all: down, a wrong host, port or password, no driver."""
+
+
+# libpq waits for a host that drops packets as long as TCP does (minutes); a node starting against
+# an unreachable PostgreSQL should say so sooner. A URL's own connect_timeout wins.
+PG_CONNECT_TIMEOUT_S = 15
+
+
+def shown_url(url: str) -> str:
+    """The URL as lorad prints it: the password hidden."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL may still hold a password: never echo it
+        return "(the configured database URL, which cannot be parsed)"
+
+
+def unreachable(url: str, error: BaseException) -> DatabaseUnreachable:
+    """A failure to open or migrate the database as one line: the URL without its password, and
+    the cause (the driver's message, its lines joined)."""
+    from sqlalchemy.engine import make_url
+
+    if isinstance(error, ImportError):
+        cause = f"a module it needs is not installed ({error}); for PostgreSQL: pip install 'lorad[postgres]'"
+    else:
+        text = str(getattr(error, "orig", None) or error)
+        cause = "; ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
+    try:
+        password = make_url(url).password
+    except Exception:  # noqa: BLE001
+        password = None
+    if password:
+        cause = cause.replace(str(password), "***")
+    return DatabaseUnreachable(f"cannot use the database {shown_url(url)}: {cause}")
+
+
 def default_url(state_dir: Path) -> str:
     return f"sqlite:///{Path(state_dir).resolve() / DB_FILENAME}"
 
@@ -59,7 +97,14 @@ def sqlite_path(url: str) -> Path | None:
 
 
 def make_engine(url: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Engine:
-    engine = create_engine(url)
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    options: dict[str, Any] = {}
+    if u.get_backend_name() == "postgresql" and u.get_driver_name() in ("psycopg", "psycopg2") \
+            and "connect_timeout" not in u.query:
+        options["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+    engine = create_engine(u, **options)
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine, busy_timeout_ms)
     return engine
