@@ -14,7 +14,7 @@ from lorad.library.db.models import Base
 from lorad.library.db.session import make_engine
 
 TABLES = {"loras", "blobs", "variants", "module_metrics", "jobs", "events", "refusals", "tree_entries",
-          "claimed_hashes", "variant_effects", "store_identity"}
+          "claimed_hashes", "variant_effects", "store_identity", "folder_leases", "nodes"}
 
 
 def _tables(path) -> set[str]:
@@ -44,7 +44,7 @@ def test_upgrade_from_empty_then_downgrade_to_base(tmp_path):
     url = f"sqlite:///{db}"
     assert migrate.current(url) is None
     assert migrate.upgrade(url) is None  # nothing to back up: the database was empty
-    assert migrate.current(url) == migrate.head() == "0008"
+    assert migrate.current(url) == migrate.head() == "0009"
     assert _tables(db) == TABLES
     migrate.downgrade(url, "base")
     assert migrate.current(url) is None
@@ -82,8 +82,8 @@ def test_upgrade_backs_up_the_database_before_a_pending_migration(tmp_path):
             "VALUES ('/loras/a.safetensors', '/loras', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
         )
     backup = migrate.upgrade(url)
-    assert migrate.current(url) == "0008"
-    assert backup is not None and backup.parent == tmp_path and "0001-to-0008" in backup.name
+    assert migrate.current(url) == "0009"
+    assert backup is not None and backup.parent == tmp_path and "0001-to-0009" in backup.name
     with sqlite3.connect(backup) as conn:
         assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0001",)]
         assert conn.execute("SELECT path FROM loras").fetchall() == [("/loras/a.safetensors",)]
@@ -154,7 +154,7 @@ def test_0007_adds_variant_effects_that_go_with_their_variant_and_downgrades_cle
         conn.execute(row.format(v=1, sid="0" * 16, sha="b" * 64, stamp=stamp))
     migrate.downgrade(url, "0006")
     assert migrate.current(url) == "0006"
-    assert _tables(db) == TABLES - {"variant_effects", "store_identity"}
+    assert _tables(db) == TABLES - {"variant_effects", "store_identity", "folder_leases", "nodes"}
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT id, kind FROM variants").fetchall() == [(1, "original")]
     for backup in tmp_path.glob("*.bak"):  # (its name has the second: the next upgrade may be in the same one)
@@ -168,7 +168,7 @@ def test_0008_adds_the_single_row_store_identity_and_downgrades_cleanly(tmp_path
     db = tmp_path / "lorad.db"
     url = f"sqlite:///{db}"
     migrate.upgrade(url, "0007")
-    migrate.upgrade(url)
+    migrate.upgrade(url, "0008")
     assert migrate.current(url) == "0008"
     stamp = "'2026-01-01 00:00:00'"
     with sqlite3.connect(db) as conn:
@@ -180,6 +180,25 @@ def test_0008_adds_the_single_row_store_identity_and_downgrades_cleanly(tmp_path
         with pytest.raises(sqlite3.IntegrityError):
             conn.execute(row.format(1, "1" * 36, stamp))
     migrate.downgrade(url, "0007")
-    assert _tables(db) == TABLES - {"store_identity"}
+    assert _tables(db) == TABLES - {"store_identity", "folder_leases", "nodes"}
+    for backup in tmp_path.glob("*.bak"):
+        backup.unlink()
+
+
+def test_0009_adds_folder_leases_and_nodes_and_downgrades_cleanly(tmp_path):
+    db = tmp_path / "lorad.db"
+    url = f"sqlite:///{db}"
+    migrate.upgrade(url, "0008")
+    migrate.upgrade(url)
+    assert migrate.current(url) == "0009"
+    stamp = "'2026-01-01 00:00:00'"
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"INSERT INTO folder_leases (folder, node, expires_at, renewed_at) VALUES ('/loras', 'a', {stamp}, {stamp})")
+        with pytest.raises(sqlite3.IntegrityError):  # one lease per folder: one watching node
+            conn.execute(f"INSERT INTO folder_leases (folder, node, expires_at, renewed_at) VALUES ('/loras', 'b', {stamp}, {stamp})")
+        conn.execute(f"INSERT INTO nodes (name, started_at, heartbeat_at) VALUES ('a', {stamp}, {stamp})")
+        assert conn.execute("SELECT running_jobs, draining FROM nodes").fetchall() == [(0, 0)]
+    migrate.downgrade(url, "0008")
+    assert _tables(db) == TABLES - {"folder_leases", "nodes"}
     for backup in tmp_path.glob("*.bak"):
         backup.unlink()

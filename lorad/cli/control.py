@@ -123,8 +123,19 @@ def render_status(s: dict[str, Any]) -> str:
                  f"now {human_bytes(s['active_bytes'])}, saved {human_bytes(saved)}{share}")  # fmt: skip
     if s.get("node"):
         lines.append(f"node: {s['node']}, store {s['store_dir']}" + (f" (id {s['store_id']})" if s.get("store_id") else ""))
+    fleet = s.get("fleet") or {}
+    watchers = {f["path"]: f["node"] for f in fleet.get("folders", [])}
     for w in s["watch"]:
-        lines.append(f"watching: {w['path']} (policy {w['policy']})")
+        by = f", watched by {watchers[w['path']] or 'no node (lease free or expired)'}" if w["path"] in watchers else ""
+        lines.append(f"watching: {w['path']} (policy {w['policy']}{by})")
+    if fleet.get("nodes"):
+        lines.append("nodes:")
+        rows = [[n["name"] + (" (this)" if n.get("this") else ""), n["device"] or "-", f"{n['heartbeat_age_s']:.0f}s ago",
+                 str(n["running_jobs"]), "yes" if n["draining"] else "no", "" if n["alive"] else "silent"]
+                for n in fleet["nodes"]]  # fmt: skip
+        lines += ["  " + line for line in table(rows, ["NODE", "DEVICE", "HEARTBEAT", "RUNNING", "DRAINING", ""]).splitlines()]
+    if fleet.get("error"):
+        lines.append(f"fleet: {fleet['error']}")
     if s.get("refused_files"):
         lines.append(f"refused: {s['refused_files']} file(s) not taken (`lorad list` says why)")
     return "\n".join(lines)

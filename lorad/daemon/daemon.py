@@ -25,6 +25,7 @@ from lorad.daemon.config import Config, Policy, WatchDir
 from lorad.daemon.control import methods
 from lorad.daemon.control.protocol import Code, ControlError
 from lorad.daemon.control.server import Authorizer, ControlServer, claim_socket_path, group_id
+from lorad.daemon.fleet import Fleet
 from lorad.daemon.metrics import Metrics
 from lorad.daemon.queue import JobView, Queue
 from lorad.daemon.reduction import probe_device
@@ -81,6 +82,7 @@ class Daemon:
         self.library: Any = None
         self.queue: Queue
         self.watcher: Watcher
+        self.fleet: Fleet | None = None  # this node's folder leases and heartbeat (lorad.daemon.fleet)
         self.server: ControlServer | None = None
         self.metrics: Metrics | None = None  # the Prometheus endpoint (metrics_listen)
         self._scheduler: Any = None
@@ -125,7 +127,11 @@ class Daemon:
         self.watcher = Watcher(cfg.watch, cfg.settle_seconds, cfg.poll_seconds, self.on_settled,
                                ignore=self.known.is_known, stored=self.library.holds_folder, for_path=cfg.watch_for,
                                on_refused=self.library.record_refusal, on_scanned=self.library.prune_refusals,
-                               on_gone=lambda path: self.library.gone(path, actor="watcher"))  # fmt: skip
+                               on_gone=lambda path: self.library.gone(path, actor="watcher"), gated=True)  # fmt: skip
+        # Each watched folder is watched by the node holding its lease (on SQLite, this one).
+        self.fleet = Fleet(self.library.db, cfg.node, [w.path for w in cfg.watch], cfg.lease_seconds, self.device,
+                           running_jobs=lambda: sum(w.running is not None for w in self.workers), on_lead=self.watcher.lead,
+                           on_lose=self.watcher.unlead)  # fmt: skip
         self.workers = self._make_workers()
         self.server = ControlServer(cfg.socket, methods.build(self), Authorizer(os.getuid(), group_id(cfg.operator_group)),
                                     group=group_id(cfg.operator_group))  # fmt: skip
@@ -133,7 +139,9 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.start()  # a port in use stops the start here, before any work is taken
         self._pass_by_unchanged()
+        self.fleet.beat()  # the folders this node holds are scanned at the watcher's start
         self.watcher.start()
+        self.fleet.start()
         # Outside the reduction window no job may start, not even before the timers run.
         self.gate.set_window(timers.in_window(cfg.schedule, datetime.now()))
         for w in self.workers:
@@ -192,8 +200,12 @@ class Daemon:
         log.info("stopping")
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
+        if self.fleet is not None:
+            self.fleet.stop()
         if getattr(self, "watcher", None) is not None:
             self.watcher.stop()
+        if self.fleet is not None:
+            self.fleet.release()  # after the watching stopped: another node takes the folders at once
         for w in self.workers:
             if w.alive():  # a start that failed part-way (metrics_listen's port in use) made some unstarted
                 w.stop(STOP_GRACE)
@@ -278,9 +290,11 @@ class Daemon:
         return revived
 
     def leading(self) -> dict[Path, bool]:
-        """The watched folders and whether this node watches each now (the metrics' leader gauge).
-        Every node watches all its folders today."""
-        return {w.path: True for w in self.config.watch}
+        """The watched folders and whether this node watches each now (it holds the folder's
+        lease: lorad.daemon.fleet; the metrics' leader gauge)."""
+        if getattr(self, "watcher", None) is None:
+            return {w.path: False for w in self.config.watch}
+        return self.watcher.leading()
 
     def waiting(self) -> str | None:
         """Why due jobs are not starting (e.g. a busy GPU), or None."""

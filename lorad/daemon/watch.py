@@ -30,6 +30,11 @@ request (the schedule, `lorad rescan`). Folders on network filesystems are polle
 unread (at start the daemon fills it from the records: a restart re-reads no unchanged file). The
 files a scan hands on are counted (`progress`: "ingesting 1,234 of 10,000" in `lorad status`, and
 in the log every PROGRESS_EVERY seconds).
+In a fleet (`gated`), a folder is watched only while this node holds its lease (lorad.daemon.fleet):
+`lead(folder, until)` starts (or keeps) watching it until the monotonic time `until`, and a folder
+gained is scanned at once; `unlead(folder)`, or `until` passing without a renewal, stops it at once:
+no file of a folder whose lease this node cannot show is taken in, refused or acted on (the check
+comes right before each), its observer is removed within a tick, and its candidates are forgotten.
 A path deleted or moved away is handed to `on_gone` by the settle thread (never the observer's: it
 may hash a mirror file), once it is seen to be still gone; in mirror mode the daemon then removes its
 mirror within a tick instead of at the next reconcile.
@@ -60,7 +65,7 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
 from lorad._atomic import is_temp_name
@@ -286,6 +291,13 @@ class Settler:
             self._candidates.pop(path, None)
             self._rejected.pop(path, None)
 
+    def forget_under(self, root: Path) -> None:
+        """Forget every candidate in a folder no longer watched here."""
+        with self._lock:
+            for table in (self._candidates, self._rejected):
+                for path in [p for p in table if _under(p, (root,))]:
+                    del table[path]
+
     def pending(self) -> list[Path]:
         with self._lock:
             return sorted(self._candidates)
@@ -477,6 +489,10 @@ class _Handler(FileSystemEventHandler):
             watcher.scan_path(folder)
 
 
+def _under(path: Path, roots: Iterable[Path]) -> bool:
+    return any(path == r or r in path.parents for r in roots)
+
+
 def examine_candidate(path: Path, roots: Sequence[Path] = (),
                       stored: Callable[[Path], bool] = lambda _p: False) -> Refusal | str | None:  # fmt: skip
     """A settled candidate's verdict: a file's (lorad.library.refusals.examine), or an adapter folder's
@@ -521,13 +537,19 @@ class Watcher:
         stored: Callable[[Path], bool] = lambda _p: False,
         for_path: Callable[[Path], WatchDir | None] | None = None,
         on_refused: Callable[[Path, Refusal], None] = lambda _p, _r: None,
-        on_scanned: Callable[[set[Path]], None] = lambda _paths: None,
+        on_scanned: Callable[[set[Path], Sequence[Path]], None] = lambda _paths, _roots: None,
         on_gone: Callable[[Path], None] = lambda _p: None,
+        gated: bool = False,
     ) -> None:
         """on_refused: a file is refused (once per path and cause); on_scanned: a reconcile scan
-        found exactly these candidate paths (refusals of any other path are stale); on_gone: a
-        path was deleted or moved away, and is still gone."""
+        of these watched folders found exactly these candidate paths (refusals of any other path
+        in them are stale); on_gone: a path was deleted or moved away, and is still gone.
+        gated: a folder is watched only while `lead` says so (a fleet's leases); else every one."""
         self.dirs = tuple(dirs)
+        self._gated = gated
+        self._until: dict[Path, float] = {}  # gated: folder -> monotonic deadline of its lease
+        self._lead_lock = threading.Lock()
+        self._scheduled: dict[Path, tuple[BaseObserver, ObservedWatch]] = {}  # settle thread only
         roots = tuple(Path(os.path.realpath(w.path)) for w in self.dirs)
         self.settler = Settler(settle_seconds, examine=lambda p: examine_candidate(p, roots, stored),
                                skip=lambda p, s: ignore(p, s))  # fmt: skip
@@ -575,6 +597,33 @@ class Watcher:
     def observers_alive(self) -> bool:
         return all(o.is_alive() for o in self._observers)
 
+    # leadership (a fleet's folder leases) --------------------------------------------------
+
+    def lead(self, folder: Path, until: float) -> None:
+        """This node holds `folder`'s lease until the monotonic time `until`: watch it (a folder
+        newly gained is scanned at once)."""
+        with self._lead_lock:
+            self._until[folder] = until
+
+    def unlead(self, folder: Path) -> None:
+        """This node no longer holds `folder`'s lease: nothing in it is acted on from now on."""
+        with self._lead_lock:
+            self._until.pop(folder, None)
+
+    def leads(self, folder: Path) -> bool:
+        if not self._gated:
+            return True
+        with self._lead_lock:
+            return self._until.get(folder, 0.0) > time.monotonic()
+
+    def leading(self) -> dict[Path, bool]:
+        """Each watched folder and whether this node watches it now."""
+        return {w.path: self.leads(w.path) for w in self.dirs}
+
+    def _leads_path(self, path: Path) -> bool:
+        watch = self._for_path(path)
+        return watch is not None and self.leads(watch.path)
+
     def request_reconcile(self, reason: str) -> None:
         log.info("reconcile scan requested", reason=reason)
         self._reconcile.set()
@@ -604,12 +653,15 @@ class Watcher:
 
     # scanning ----------------------------------------------------------------------------
 
-    def scan(self) -> int:
-        """Reconcile: hint every candidate file in every watched folder, refused ones included
-        (each is examined afresh); return how many."""
+    def scan(self, only: Iterable[Path] | None = None) -> int:
+        """Reconcile: hint every candidate file in every watched folder this node watches (or in
+        `only` of them), refused ones included (each is examined afresh); return how many."""
         found: set[Path] = set()
         hinted: list[Path] = []
-        for watch in self.dirs:
+        wanted = None if only is None else set(only)
+        scanned = [w for w in self.dirs if self.leads(w.path) and (wanted is None or w.path in wanted)]
+        roots = [w.path for w in scanned]
+        for watch in scanned:
             for path in scan_folder(watch):
                 found.add(path)
                 sig = signature(path)
@@ -620,12 +672,15 @@ class Watcher:
         self.progress.found(hinted)
         with self._refused_lock:
             for path in set(self._refused_now) - found:
-                del self._refused_now[path]
+                if _under(path, roots):
+                    del self._refused_now[path]
         for path in set(self._said) - found:
-            self._said.pop(path, None)
-            self._retries.pop(path, None)
+            if _under(path, roots):
+                self._said.pop(path, None)
+                self._retries.pop(path, None)
         try:
-            self._on_scanned(found)
+            if scanned:
+                self._on_scanned(found, roots)
         except Exception as e:  # noqa: BLE001 - bookkeeping; the scan itself is done
             log.warning("could not forget the refusals of files gone since", error=shown(str(e)))
         self.reconciles += 1
@@ -653,20 +708,46 @@ class Watcher:
     def _start_observers(self) -> None:
         inotify: BaseObserver = _inotify_observer()
         polling: BaseObserver = PollingObserver(timeout=self.poll_seconds)
-        for watch in self.dirs:
-            try:
-                watch.path.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                log.error("cannot create watched folder", path=str(watch.path), error=str(e))
-                continue
-            poll = should_poll(watch, fs_type(watch.path))
-            observer = polling if poll else inotify
-            observer.schedule(_Handler(self, polling=poll), str(watch.path), recursive=watch.recursive)
-            log.info("watching", path=str(watch.path), recursive=watch.recursive, poll=poll, policy=watch.policy)
-        self._observers = [o for o in (inotify, polling) if o.emitters]
+        self._observers = [inotify, polling]
+        self._scheduled = {}
         for o in self._observers:
             o.daemon = True
             o.start()
+        self._sync_folders(scan_gained=False)
+
+    def _schedule(self, watch: WatchDir) -> None:
+        try:
+            watch.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            log.error("cannot create watched folder", path=str(watch.path), error=str(e))
+            return
+        poll = should_poll(watch, fs_type(watch.path))
+        observer = self._observers[1 if poll else 0]
+        observed = observer.schedule(_Handler(self, polling=poll), str(watch.path), recursive=watch.recursive)
+        self._scheduled[watch.path] = (observer, observed)
+        log.info("watching", path=str(watch.path), recursive=watch.recursive, poll=poll, policy=watch.policy)
+
+    def _sync_folders(self, scan_gained: bool = True) -> None:
+        """Observe the folders this node leads now, and only those; scan the ones gained."""
+        gained = []
+        for watch in self.dirs:
+            leads = self.leads(watch.path)
+            if leads and watch.path not in self._scheduled:
+                self._schedule(watch)
+                gained.append(watch.path)
+            elif not leads and watch.path in self._scheduled:
+                observer, observed = self._scheduled.pop(watch.path)
+                try:
+                    observer.unschedule(observed)
+                except Exception as e:  # noqa: BLE001 - gone already with a dead observer
+                    log.warning("could not stop observing a folder", path=str(watch.path), error=str(e))
+                self.settler.forget_under(watch.path)
+                with self._refused_lock:
+                    for path in [p for p in self._refused_now if _under(p, (watch.path,))]:
+                        del self._refused_now[path]
+                log.info("stopped watching: this node does not hold the folder's lease", path=str(watch.path))
+        if gained and scan_gained:
+            self.scan(only=gained)
 
     def _stop_observers(self) -> None:
         for o in self._observers:
@@ -675,6 +756,7 @@ class Watcher:
             if o.is_alive():
                 o.join(timeout=5)
         self._observers = []
+        self._scheduled = {}
 
     def _run(self) -> None:
         tick = max(0.05, min(0.5, self.settler.settle_seconds / 3))
@@ -693,7 +775,10 @@ class Watcher:
             self._reconcile.set()
         if self._reconcile.is_set():
             self._reconcile.clear()
+            self._sync_folders(scan_gained=False)
             self.scan()
+        else:
+            self._sync_folders()
         self._hand_on_gone()
         for path, sig in self.settler.due():
             if self._hand_on(path, sig):
@@ -707,8 +792,8 @@ class Watcher:
         with self._gone_lock:
             gone, self._gone = self._gone, set()
         for path in sorted(gone):
-            if os.path.lexists(path):
-                continue  # back already (replaced by a rename, or swapped): nothing left
+            if os.path.lexists(path) or not self._leads_path(path):
+                continue  # back already (replaced by a rename, or swapped), or another node's
             try:
                 self._on_gone(path)
             except Exception as e:  # noqa: BLE001 - the next reconcile scan does the same
@@ -722,6 +807,8 @@ class Watcher:
             return True
         if self._delay:
             time.sleep(self._delay)
+        if not self.leads(watch.path):
+            return True  # its lease is another node's now (which scans the folder when it gains it)
         try:
             self._on_settled(path, watch, sig)
         except TransientError as e:
@@ -754,6 +841,8 @@ class Watcher:
                         error=said[1], retry_in_s=delay)  # fmt: skip
 
     def _refuse(self, path: Path, refusal: Refusal) -> None:
+        if not self._leads_path(path):
+            return  # the folder's new watcher looks at it again
         with self._refused_lock:
             self._refused_now[path] = refusal
         said = (refusal.cause, refusal.reason)

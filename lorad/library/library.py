@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import structlog
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from lorad._atomic import is_temp_name
@@ -43,6 +44,7 @@ from lorad.library.db.session import (
     BUSY_TIMEOUT_MS,
     Database,
     DatabaseUnavailable,
+    _raise_transient,
     default_url,
     sqlite_path,
     unreachable,
@@ -76,6 +78,7 @@ from lorad.state_dir import Modes, secure_dir, secure_sqlite
 log = structlog.get_logger()
 
 LoraRef = int | str | os.PathLike[str]
+PUT_LOCK_SPACE = 0x6C6F7261  # "lora": the first key of the advisory lock a put takes (PostgreSQL)
 SwitchKind = Literal["activated", "reverted", "switched"]
 
 
@@ -152,6 +155,7 @@ class Library:
             mirrors=self.mirrors,
         )
         self.db, self.store, self.swap_area, self.lock = self.core.db, self.core.store, swap_area, self.core.lock
+        self._serialising: set[int] = set()  # the LoRAs whose put lock this process holds (under self.lock)
 
     def close(self) -> None:
         self.db.close()
@@ -505,31 +509,63 @@ class Library:
         op = {"activated": "activate", "reverted": "revert", "switched": "switch"}[kind]
         with self.lock, self._failure_recorded(op, actor, ref):
             with self.db.read() as s:
-                row = self._find_lora(s, ref)
-                lora_id, path, is_folder = row.id, Path(row.path), row.kind == "folder"
-                mirror_path = self.mirror_of(row)
-                wanted = self._variant_of(s, row, choose(row))
-            self._watched(path)  # a folder dropped from the config is no longer lorad's to write
-            target = mirror_path or path  # in mirror mode the watched file is never written
-            stamp, current = self._settled_state(lora_id, target, actor, is_folder, mirrored=mirror_path is not None)
-            if current != wanted.id:
-                _crashpoint("put:before-materialize")
-                self._materialize(wanted, target, stamp, actor)
-            written = self._stamp_token(target, is_folder)  # what lorad itself just put there
-            with self.db.write() as s:
-                row = s.get(Lora, lora_id)
-                variant = s.get(Variant, wanted.id)
-                assert row is not None and variant is not None
-                repo.set_active(s, row, variant)
-                if mirror_path is not None:
-                    row.mirror_stamp = written
-                else:
-                    row.file_stamp = written
-                repo.record_event(s, kind, actor, lora_id, wanted.id, previous_variant=current,
-                                  sha256=wanted.blob_sha256, path=str(target))  # fmt: skip
-            _crashpoint("put:after-commit")
-            log.info(kind, path=shown(target), variant=wanted.id)
-            return self.lora(lora_id)
+                lora_id = self._find_lora(s, ref).id
+            with self._serialised(lora_id):
+                return self._put_now(lora_id, choose, kind, actor)
+
+    def _put_now(self, lora_id: int, choose: Callable[[Lora], int | None], kind: SwitchKind, actor: str) -> LoraView:
+        with self.db.read() as s:
+            row = self._find_lora(s, lora_id)
+            path, is_folder = Path(row.path), row.kind == "folder"
+            mirror_path = self.mirror_of(row)
+            wanted = self._variant_of(s, row, choose(row))
+        self._watched(path)  # a folder dropped from the config is no longer lorad's to write
+        target = mirror_path or path  # in mirror mode the watched file is never written
+        stamp, current = self._settled_state(lora_id, target, actor, is_folder, mirrored=mirror_path is not None)
+        if current != wanted.id:
+            _crashpoint("put:before-materialize")
+            self._materialize(wanted, target, stamp, actor)
+        written = self._stamp_token(target, is_folder)  # what lorad itself just put there
+        with self.db.write() as s:
+            # The LoRA's row locked (PostgreSQL; SQLite's BEGIN IMMEDIATE serialises already):
+            # no other writer changes it between this read and the commit.
+            row = s.get(Lora, lora_id, with_for_update=True)
+            variant = s.get(Variant, wanted.id)
+            assert row is not None and variant is not None
+            repo.set_active(s, row, variant)
+            if mirror_path is not None:
+                row.mirror_stamp = written
+            else:
+                row.file_stamp = written
+            repo.record_event(s, kind, actor, lora_id, wanted.id, previous_variant=current,
+                              sha256=wanted.blob_sha256, path=str(target))  # fmt: skip
+        _crashpoint("put:after-commit")
+        log.info(kind, path=shown(target), variant=wanted.id)
+        return self.lora(lora_id)
+
+    @contextmanager
+    def _serialised(self, lora_id: int) -> Iterator[None]:
+        """One put (activate, revert, switch) of a LoRA at a time across the fleet, from reading
+        what its file holds to recording what was written. In one process `self.lock` does it; on
+        PostgreSQL, nodes also take a transaction-scoped advisory lock keyed by the LoRA's id, held
+        on a connection of its own for the whole put. (Not a row lock on `loras`: the put's own
+        transactions update that row, and would wait on it.) PostgreSQL releases it when the
+        transaction ends or the node's connection dies. SQLite serves one node: the local lock is
+        all there is to take."""
+        if self.db.is_sqlite or lora_id in self._serialising:
+            yield
+            return
+        try:
+            with self.db.engine.connect() as conn, conn.begin():
+                conn.execute(text("SELECT pg_advisory_xact_lock(CAST(:space AS integer), CAST(:id AS integer))"), {"space": PUT_LOCK_SPACE, "id": lora_id})
+                self._serialising.add(lora_id)
+                try:
+                    yield
+                finally:
+                    self._serialising.discard(lora_id)
+        except OperationalError as e:  # a lock wait past lock_timeout, a lost connection
+            _raise_transient(e)
+            raise
 
     def mirror_of(self, row: Lora) -> Path | None:
         """Where a LoRA's active variant is written when its folder is in mirror mode, else None."""
@@ -642,14 +678,18 @@ class Library:
     def clear_refusal(self, path: str | os.PathLike[str]) -> None:
         self.core.clear_refusal(path)
 
-    def prune_refusals(self, present: Iterable[str | os.PathLike[str]]) -> None:
-        """Forget the refusals of paths a full scan no longer found (or no longer watches)."""
+    def prune_refusals(self, present: Iterable[str | os.PathLike[str]],
+                       roots: Iterable[str | os.PathLike[str]] | None = None) -> None:  # fmt: skip
+        """Forget the refusals of paths a full scan no longer found (or no longer watches); given
+        the `roots` it scanned, only of the paths in those folders."""
         keep = {os.path.abspath(p) for p in present}
+        within = None if roots is None else tuple(os.path.abspath(r).rstrip("/") + "/" for r in roots)
         with self.db.read() as s:
-            stale = [r.path for r in repo.all_refusals(s) if r.path not in keep]
+            stale = [r.path for r in repo.all_refusals(s)
+                     if r.path not in keep and (within is None or r.path.startswith(within))]  # fmt: skip
         if stale:
             with self.db.write() as s:
-                repo.prune_refusals(s, keep)
+                repo.prune_refusals(s, keep, None if within is None else [w.rstrip("/") for w in within])
 
     # -- verify and gc (lorad.library.upkeep) ------------------------------------------------------------
 

@@ -99,7 +99,18 @@ class Methods:
             "node": d.config.node,
             "store_dir": str(d.library.store.root),
             "store_id": d.library.store_id,
+            # The fleet as the database has it: nodes, and which node watches each folder.
+            "fleet": self._fleet(),
         }
+
+    def _fleet(self) -> dict[str, Any] | None:
+        fleet = getattr(self.d, "fleet", None)
+        if fleet is None:
+            return None
+        try:
+            return fleet.view()  # type: ignore[no-any-return]
+        except StoreError as e:  # the database unavailable for now: status still answers
+            return {"error": str(e), "nodes": [], "folders": []}
 
     def list(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
         """One page of the watched LoRAs, then of the paths lorad refused (lorad.library.listing):

@@ -29,6 +29,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false as sa_false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -345,3 +346,28 @@ class StoreIdentity(Base):
     created_by: Mapped[str | None] = mapped_column(Text)  # the node that created (or adopted) it
     adopted: Mapped[bool] = mapped_column(Boolean, default=False)  # given to a store that had blobs
     confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class FolderLease(Base):
+    """Which node watches a watched folder (lorad.daemon.fleet): the row is taken when free or
+    expired, and renewed, by one UPDATE whose WHERE only its holder or an expired lease passes."""
+
+    __tablename__ = "folder_leases"
+
+    folder: Mapped[str] = mapped_column(PathText, primary_key=True)  # the watched folder, resolved
+    node: Mapped[str] = mapped_column(Text)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    renewed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Node(Base):
+    """A daemon of the fleet, as its last heartbeat left it (lorad.daemon.fleet; `lorad status`)."""
+
+    __tablename__ = "nodes"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    device: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    running_jobs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    draining: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())

@@ -431,10 +431,14 @@ def clear_refusal(s: Session, path: str) -> bool:
     return True
 
 
-def prune_refusals(s: Session, keep: Iterable[str]) -> list[str]:
-    """Forget the refusals of every path not in `keep` (the paths a full scan still found)."""
+def prune_refusals(s: Session, keep: Iterable[str], roots: Iterable[str] | None = None) -> list[str]:
+    """Forget the refusals of every path not in `keep` (the paths a full scan still found), of
+    every folder or, given `roots`, of the paths in those folders only (a fleet node scans the
+    folders it watches)."""
     kept = set(keep)
-    gone = [r for r in s.scalars(select(Refusal)).all() if r.path not in kept]
+    within = None if roots is None else tuple(r.rstrip("/") + "/" for r in roots)
+    gone = [r for r in s.scalars(select(Refusal)).all()
+            if r.path not in kept and (within is None or r.path.startswith(within))]  # fmt: skip
     for row in gone:
         s.delete(row)
     s.flush()
