@@ -58,7 +58,7 @@ class Gpu:
     """Per-process and whole-device GPU memory of the GPU torch calls cuda:0."""
 
     def __init__(self) -> None:
-        from lorad.daemon.worker import _nvml_target
+        from lorad.daemon.gpu import _nvml_target
 
         self.how, self.which = _nvml_target()
         self.nvml: Any = None

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from lorad.daemon.worker import GPU_STATE_ENV, MODULE_DELAY_ENV
+from lorad.daemon.gpu import GPU_STATE_ENV
+from lorad.daemon.worker import MODULE_DELAY_ENV
 from tests._daemon_fixtures import Daemon, cli, cli_json, lorad_env, make_lora, wait_for, write_config
 from tests._proc import alive, children, reduction_children
 

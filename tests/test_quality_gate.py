@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from lorad.daemon.config import ConfigError, Policy, QualityCheck, parse_config
-from lorad.daemon.worker import decide
+from lorad.daemon.decision import decide
 from tests._daemon_fixtures import REPO, Daemon, cli_here, cli_json, lorad_env, make_lora, show_if_known, wait_for, write_config
 
 GATED = """\

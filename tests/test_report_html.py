@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from lorad.daemon.config import Policy
-from lorad.daemon.worker import decide
+from lorad.daemon.decision import decide
 from lorad.engine.engine import ReduceSettings, reduce_file
 from lorad.engine.formats.lora import Reader, open_lora
 from lorad.report.html import block_of, group_by_block, render_library, render_lora, write_html

@@ -16,17 +16,9 @@ from safetensors.torch import save_file
 
 from lorad.daemon.config import Config, GpuBusy, Policy, parse_config
 from lorad.daemon.queue import DONE, FAILED, PENDING, RUNNING, Queue
-from lorad.daemon.worker import (
-    GPU_STATE_ENV,
-    MODULE_DELAY_ENV,
-    Decision,
-    Gate,
-    GpuProbe,
-    Runner,
-    Worker,
-    busy_reason,
-    decide,
-)
+from lorad.daemon.decision import Decision, decide
+from lorad.daemon.gpu import GPU_STATE_ENV, GpuProbe, busy_reason
+from lorad.daemon.worker import MODULE_DELAY_ENV, Gate, Runner, Worker
 from lorad.library.library import Library
 from tests._daemon_fixtures import make_lora, wait_for
 from tests._proc import environ_of, io_class_of, reduction_children, stat_nice

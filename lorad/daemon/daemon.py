@@ -30,7 +30,8 @@ from lorad.daemon.metrics import Metrics
 from lorad.daemon.queue import JobView, Queue
 from lorad.daemon.reduction import probe_device
 from lorad.daemon.watch import Signature, Watcher, signature
-from lorad.daemon.worker import Gate, Runner, Worker, gpu_probe
+from lorad.daemon.gpu import gpu_probe
+from lorad.daemon.worker import Gate, Runner, Worker
 from lorad.errors import LoradError
 from lorad.log import get_logger
 from lorad.pathtext import shown

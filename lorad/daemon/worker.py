@@ -16,8 +16,6 @@ starts, a busy GPU (someone generating) makes the worker wait.
 
 from __future__ import annotations
 
-import math
-import os
 import re
 import threading
 import time
@@ -28,7 +26,9 @@ from typing import Any
 
 from lorad._atomic import remove_tree, temp_name
 from lorad.daemon._reduce_child import MODULE_DELAY_ENV
-from lorad.daemon.config import Config, GpuBusy, Policy
+from lorad.daemon.config import Config, Policy
+from lorad.daemon.decision import Decision, decide
+from lorad.daemon.gpu import GpuProbe
 from lorad.daemon.queue import JobView, LeaseLost, Queue, error_text
 from lorad.daemon.reduction import ProcessPool
 from lorad.errors import (
@@ -44,7 +44,7 @@ from lorad.log import get_logger
 
 log = get_logger("lorad.worker")
 
-__all__ = ["MODULE_DELAY_ENV", "Decision", "Gate", "GpuProbe", "Runner", "Worker", "decide"]
+__all__ = ["MODULE_DELAY_ENV", "Gate", "Runner", "Worker"]
 
 
 class PolicyMissing(LoradError):
@@ -57,89 +57,6 @@ class JobAbandoned(Exception):
 
 PERMANENT = (FormatError, ReduceError, PolicyMissing)
 OOM_NOTE = "out of memory:"
-# Test hook: a file holding "<utilisation %> <free MiB>", read instead of NVML, so tests on
-# machines without a GPU can make the GPU look busy or free. Unset in any real deployment.
-GPU_STATE_ENV = "LORAD_TEST_GPU_STATE"
-
-
-# ---------------------------------------------------------------------------------------------
-# The policy's decision: pure
-
-
-@dataclass(frozen=True)
-class Decision:
-    activate: bool
-    reason: str
-    saving: float  # fraction of the original's bytes saved
-    fro_retained: float | None  # the whole file's energy-weighted retained Frobenius ratio
-    refused_by: str | None = None  # the policy setting that refused the variant
-    would_pass: float | None = None  # the loosest value of that setting the variant fails, relaxed
-    effect_retained: float | None = None  # the quality check's figure (mean over samples), if measured
-
-    def to_json(self) -> dict[str, object]:
-        doc: dict[str, object] = {
-            "activate": self.activate, "reason": self.reason, "saving": round(self.saving, 6),
-            "fro_retained_file": self.fro_retained, "refused_by": self.refused_by, "would_pass": self.would_pass,
-        }  # fmt: skip
-        if self.effect_retained is not None:
-            doc["effect_retained"] = self.effect_retained
-        return doc
-
-
-def _floor(x: float, digits: int) -> float:
-    return math.floor(x * 10**digits) / 10**digits
-
-
-def decide(policy: Policy, bytes_in: int, bytes_out: int, fro_retained: float | None,
-           effect_retained: float | None = None, effect_error: str | None = None) -> Decision:  # fmt: skip
-    """Whether a variant should be activated under `policy`, and why (or why not). A refusal names
-    the setting (policies.<name>.<key>) and the value of it that would have let the variant pass.
-
-    Under a quality_check, `effect_retained` is the measured figure (mean over the samples) and
-    `effect_error` why there is none; a variant with no figure is never activated."""
-    saving = 1.0 - bytes_out / bytes_in if bytes_in > 0 else 0.0
-    fro_text = "n/a" if fro_retained is None else f"{fro_retained:.4f}"
-    where = f"policies.{policy.name}"
-    if saving < policy.min_saving:
-        if saving > 0:
-            passing: float | None = _floor(saving, 3)
-            hint = f"min_saving {passing:.1%} or lower would have passed"
-        else:
-            passing, hint = None, "no min_saving passes a variant that is not smaller than its original"
-        reason = (f"saves {saving:.1%}, less than min_saving {policy.min_saving:.1%} "
-                  f"(set by {where}.min_saving); {hint}")  # fmt: skip
-        return Decision(False, reason, saving, fro_retained, "min_saving", passing)
-    floor = policy.min_fro_retained
-    if floor is not None and (fro_retained is None or fro_retained < floor):
-        if fro_retained is None:
-            passing, hint = None, "the variant reports no retained norm; only removing the setting passes it"
-        else:
-            passing = _floor(fro_retained, 4)
-            hint = f"min_fro_retained {passing:.4f} or lower would have passed"
-        reason = (f"keeps {fro_text} of the file's Frobenius norm, less than min_fro_retained {floor} "
-                  f"(set by {where}.min_fro_retained); {hint}")  # fmt: skip
-        return Decision(False, reason, saving, fro_retained, "min_fro_retained", passing)
-    gate, effect_text = policy.quality_check, ""
-    if gate is not None:
-        if effect_retained is None:
-            why = effect_error or "no measurement came back"
-            reason = (f"the quality check could not measure the LoRA's effect on {gate.base}, so the variant "
-                      f"is not activated unchecked (set by {where}.quality_check): {why}")  # fmt: skip
-            return Decision(False, reason, saving, fro_retained, "quality_check", None)
-        shown = _floor(effect_retained, 4)
-        if effect_retained < gate.min_effect_retained:
-            reason = (f"effect_retained {shown:.4f} is below quality_check.min_effect_retained "
-                      f"{gate.min_effect_retained:g} (set by {where}.quality_check.min_effect_retained); "
-                      f"a min_effect_retained of {shown:.4f} or lower would have passed")  # fmt: skip
-            return Decision(False, reason, saving, fro_retained, "quality_check.min_effect_retained", shown,
-                            effect_retained)  # fmt: skip
-        effect_text = f", effect_retained {shown:.4f} (quality_check.min_effect_retained {gate.min_effect_retained:g})"
-    if policy.activate == "manual":
-        reason = (f"passes (saves {saving:.1%}, keeps {fro_text}{effect_text}) but policy {policy.name} "
-                  "activates manually")  # fmt: skip
-        return Decision(False, reason, saving, fro_retained, "activate", None, effect_retained)
-    return Decision(True, f"saves {saving:.1%}, keeps {fro_text} of the file's Frobenius norm{effect_text}",
-                    saving, fro_retained, effect_retained=effect_retained)  # fmt: skip
 
 
 def quality_spec(policy: Policy, device: str) -> dict[str, Any] | None:
@@ -276,93 +193,6 @@ class Runner:
         if oom:
             log.warning("out of memory during a reduction; it went on in smaller batches or on the CPU",
                         job=job.id, device=report.device, notes=oom)  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------
-# A busy GPU: someone is generating
-
-
-def busy_reason(limits: GpuBusy, util: float, free_mb: float, gpu_job: bool) -> str | None:
-    """Why the GPU counts as busy under `limits`, or None. Free memory matters only to a job that
-    would use the GPU; utilisation means someone is generating, which a CPU job disturbs too."""
-    if limits.util_above is not None and util > limits.util_above:
-        return f"GPU busy (utilisation {util:.0f}% > {limits.util_above:g}%)"
-    if gpu_job and limits.free_below_mb is not None and free_mb < limits.free_below_mb:
-        return f"GPU busy ({free_mb:.0f} MiB free < {limits.free_below_mb:g} MiB)"
-    return None
-
-
-def _nvml_target() -> tuple[str, str | int]:
-    """("uuid", id) or ("index", n) of the GPU torch calls cuda:0, from CUDA_VISIBLE_DEVICES
-    (NVML numbers every GPU in PCI order and ignores that variable)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-    if visible.startswith(("GPU-", "MIG-")):
-        return "uuid", visible
-    if visible.isdigit():
-        return "index", int(visible)
-    return "index", 0
-
-
-class GpuProbe:
-    """Reads the GPU's utilisation and free memory through NVML (nvidia-ml-py, `import pynvml`).
-    Without NVML (not installed, no driver, no GPU) it never reports busy: lorad then just works."""
-
-    def __init__(self, limits: GpuBusy, gpu_jobs: bool) -> None:
-        self.limits = limits
-        self.gpu_jobs = gpu_jobs
-        self.available: bool | None = None  # None: not tried yet
-        self._nvml: Any = None
-        self._handle: Any = None
-
-    def busy(self) -> str | None:
-        state = self.read()
-        return None if state is None else busy_reason(self.limits, state[0], state[1], self.gpu_jobs)
-
-    def read(self) -> tuple[float, float] | None:
-        """(utilisation %, free MiB), or None when unknown."""
-        hook = os.environ.get(GPU_STATE_ENV)
-        if hook:
-            try:
-                util, free = Path(hook).read_text().split()[:2]
-                return float(util), float(free)
-            except (OSError, ValueError):
-                return None
-        if self.available is None:
-            self._open()
-        if not self.available:
-            return None
-        try:
-            util = self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu
-            free = self._nvml.nvmlDeviceGetMemoryInfo(self._handle).free / (1 << 20)
-            return float(util), float(free)
-        except Exception as e:  # noqa: BLE001 - a GPU that cannot be read is not a busy GPU
-            log.warning("reading the GPU's state failed; not waiting", error=str(e))
-            return None
-
-    def _open(self) -> None:
-        try:
-            import pynvml  # type: ignore[import-not-found]
-
-            pynvml.nvmlInit()
-            how, which = _nvml_target()
-            if how == "uuid":
-                handle = pynvml.nvmlDeviceGetHandleByUUID(which)
-            else:
-                handle = pynvml.nvmlDeviceGetHandleByIndex(which)
-        except Exception as e:  # noqa: BLE001 - ImportError, NVMLError (no driver, no GPU), ...
-            self.available = False
-            log.info("NVML is not available; jobs start without looking at the GPU (gpu_busy unused)",
-                     error=f"{type(e).__name__}: {e}")  # fmt: skip
-            return
-        self._nvml, self._handle, self.available = pynvml, handle, True
-
-
-def gpu_probe(config: Config, device: str) -> GpuProbe | None:
-    if config.gpu_busy is None:
-        return None
-    # A quality check told to measure on cuda uses the GPU even when the reductions run on the CPU.
-    gates = [p.quality_check.device for p in config.policies.values() if p.quality_check is not None]
-    return GpuProbe(config.gpu_busy, gpu_jobs=device.startswith("cuda") or "cuda" in gates)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Small pieces for the HTML reports (lorad.report.html): escaping, number formats, inline SVG.
+"""Small pieces for the HTML report pages: escaping, number formats, inline SVG.
 
 Everything returns text. Every string that comes from data goes through `esc`; numbers are
 formatted from int()/float() so nothing else can reach the markup. The SVG carries no xmlns (inline
