@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -250,6 +251,149 @@ def test_a_flux_pipeline_is_measured_by_the_same_runner(tmp_path):
     assert same.effect_retained == 1.0 and same.samples["timesteps"] == [1.0, 0.75, 0.5]
     assert 0 < measure_effect(lora, dropped, tmp_path / "base", samples=small).effect_retained < 1 - 1e-4
     assert abs(measure_effect(lora, twice, tmp_path / "base", samples=small).effect_retained) < 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny SDXL pipeline: a UNet with SDXL's added conditioning (text_time: the pooled text embedding
+# of text encoder 2 and the size/crop time ids), two text encoders whose hidden states are joined
+# (CLIPTextModel and CLIPTextModelWithProjection), the Euler scheduler. Its LoRA is written in
+# sd-scripts' SDXL names: lora_unet_ on the sgm UNet's block numbering (input_blocks/middle_block/
+# output_blocks), lora_te1_ and lora_te2_ on the two encoders' transformers-4 `text_model.` paths.
+
+SDXL_TIME_DIM, SDXL_COMPONENTS = 8, ("unet", "text_encoder", "text_encoder_2")
+SDXL_SMALL = {**SMALL, "calls": [0, 1]}  # two denoiser calls per run: the SDXL tests stay cheap
+
+
+def _tiny_sdxl():
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(tm.SEED)
+    tokenizer = tm.offline_tokenizer()
+    text_encoder = tm.tiny_text_encoder(len(tokenizer))  # hidden 32
+    text_encoder_2 = CLIPTextModelWithProjection(text_encoder.config)  # hidden 32, projection 32
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        cross_attention_dim=32 + 32,  # both encoders' hidden states, concatenated
+        addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_DIM,
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_DIM + 32)  # 6 time ids + the pooled projection
+    return StableDiffusionXLPipeline(vae=tm.tiny_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tm.offline_tokenizer(), unet=unet,
+                                     scheduler=EulerDiscreteScheduler())  # fmt: skip
+
+
+def _sgm_path(path: str, layers_per_block: int) -> str:
+    """A diffusers UNet attention path in the sgm UNet's numbering, which sd-scripts trains SDXL on:
+    input_blocks.0 is conv_in, each down level has layers_per_block entries and a downsampler, each
+    up level layers_per_block + 1; the attention is entry 1 of its block."""
+    per_level = layers_per_block + 1
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", path):
+        return f"input_blocks.{1 + int(m[1]) * per_level + int(m[2])}.1.{m[3]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", path):
+        return f"output_blocks.{int(m[1]) * per_level + int(m[2])}.1.{m[3]}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.*)", path):
+        return f"middle_block.1.{m[1]}"
+    raise AssertionError(f"no sgm name for {path}")
+
+
+def _sdxl_kohya_name(component: str, path: str, layers_per_block: int) -> str:
+    """sd-scripts' SDXL names, e.g. lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q,
+    lora_te1_text_model_encoder_layers_0_self_attn_q_proj, lora_te2_text_model_encoder_layers_0_..."""
+    if component == "unet":
+        return "lora_unet_" + _sgm_path(path, layers_per_block).replace(".", "_")
+    prefix = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[component]
+    # transformers 5 drops `text_model.` from CLIPTextModel's paths (not CLIPTextModelWithProjection's)
+    return prefix + "text_model_" + path.removeprefix("text_model.").replace(".", "_")
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """The saved tiny SDXL pipeline and one planted LoRA (UNet, both text encoders) written as a kohya
+    file and as a diffusers file, with what each of its layers adds (`deltas`)."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import get_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+
+    root = tmp_path_factory.mktemp("effect_sdxl")
+    pipe = _tiny_sdxl()
+    pipe.save_pretrained(root / "base")
+    pipe.unet.add_adapter(tm.unet_lora_config())  # alpha/rank 0.5 on the UNet, 1.5 on the encoders
+    pipe.text_encoder.add_adapter(tm.te_lora_config())
+    pipe.text_encoder_2.add_adapter(tm.te_lora_config())
+    for i, component in enumerate(SDXL_COMPONENTS):
+        tm.plant_lora_weights(getattr(pipe, component), seed=tm.SEED + 11 + i)
+    tensors = {}
+    for component in SDXL_COMPONENTS:
+        for path, layer in getattr(pipe, component).named_modules():
+            if isinstance(layer, LoraLayer):
+                name = _sdxl_kohya_name(component, path, pipe.unet.config.layers_per_block)
+                tensors[f"{name}.lora_down.weight"] = layer.lora_A["default"].weight.detach().clone()
+                tensors[f"{name}.lora_up.weight"] = layer.lora_B["default"].weight.detach().clone()
+                tensors[f"{name}.alpha"] = torch.tensor(float(layer.lora_alpha["default"]))
+    kohya = root / "sdxl_kohya.safetensors"
+    save_file(tensors, str(kohya), metadata={"ss_network_module": "networks.lora",
+                                             "ss_base_model_version": "sdxl_base_v1-0"})  # fmt: skip
+    StableDiffusionXLPipeline.save_lora_weights(
+        root, weight_name="sdxl_diffusers.safetensors",
+        **{f"{c}_lora_layers": get_peft_model_state_dict(getattr(pipe, c)) for c in SDXL_COMPONENTS},
+        **{f"{c}_lora_adapter_metadata": getattr(pipe, c).peft_config["default"].to_dict() for c in SDXL_COMPONENTS})
+    deltas = tm.loaded_deltas(**{c: getattr(pipe, c) for c in SDXL_COMPONENTS})
+    return SimpleNamespace(root=root, base=root / "base", kohya=kohya, diffusers=root / "sdxl_diffusers.safetensors",
+                           deltas=deltas)  # fmt: skip
+
+
+def _kohya_without(src: Path, dst: Path, drop) -> Path:
+    """`src` without the kohya modules whose name `drop(name)` is true (metadata kept)."""
+    tensors, metadata = tm.read_file(src)
+    save_file({k: v for k, v in tensors.items() if not drop(k.partition(".")[0])}, str(dst), metadata=metadata)
+    return dst
+
+
+def test_sdxl_kohya_names_load_every_module_and_match_the_diffusers_file(sdxl):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(sdxl.base)
+    pipe.load_lora_weights(str(sdxl.kohya))
+    loaded = tm.loaded_deltas(**{c: getattr(pipe, c) for c in SDXL_COMPONENTS})
+    assert loaded.keys() == sdxl.deltas.keys()
+    assert {k.partition(".")[0] for k in loaded} == set(SDXL_COMPONENTS)
+    assert all(torch.allclose(loaded[k].delta, sdxl.deltas[k].delta, atol=1e-6) for k in loaded)
+    result = measure_effect(sdxl.kohya, sdxl.diffusers, sdxl.base, samples=SDXL_SMALL)
+    assert result.effect_retained == pytest.approx(1.0, abs=1e-6)
+
+
+def test_sdxl_an_identical_copy_keeps_the_whole_effect(sdxl):
+    other = _copy(sdxl.kohya, sdxl.root / "copy.safetensors")
+    result = measure_effect(sdxl.kohya, other, sdxl.base, samples=SDXL_SMALL)
+    assert result.effect_retained == 1.0 and result.effect_retained_min == 1.0
+    assert result.per_sample == (1.0, 1.0) and result.kind == "denoiser"
+    assert result.samples["timesteps"] == [999.0, 666.0]  # Euler's 4-step schedule, calls 0 and 1
+
+
+def test_sdxl_a_dropped_unet_module_lowers_the_figure(sdxl):
+    name = sorted(k.partition(".")[0] for k in tm.read_file(sdxl.kohya)[0] if k.startswith("lora_unet_"))[3]
+    variant = _kohya_without(sdxl.kohya, sdxl.root / "dropped.safetensors", lambda n: n == name)
+    result = measure_effect(sdxl.kohya, variant, sdxl.base, samples=SDXL_SMALL)
+    assert 0 < result.effect_retained < 1 - 1e-4 and result.effect_retained_min <= result.effect_retained
+
+
+def test_sdxl_a_file_at_twice_the_strength_is_caught(sdxl):
+    tensors, metadata = tm.read_file(sdxl.kohya)
+    twice = sdxl.root / "twice.safetensors"
+    save_file({k: v * 2 if k.endswith(".alpha") else v for k, v in tensors.items()}, str(twice), metadata=metadata)
+    result = measure_effect(sdxl.kohya, twice, sdxl.base, samples=SDXL_SMALL)
+    assert abs(result.effect_retained) < 0.1 and result.effect_retained_min < 0.1
+
+
+def test_sdxl_a_text_encoder_2_module_counts(sdxl):
+    """The encoders run with the LoRA loaded: a file that lost one module of text encoder 2 (its first
+    layer's v_proj, which feeds the UNet's context and the pooled embedding) is below 1."""
+    name = "lora_te2_text_model_encoder_layers_0_self_attn_v_proj"
+    assert f"{name}.lora_down.weight" in tm.read_file(sdxl.kohya)[0]
+    variant = _kohya_without(sdxl.kohya, sdxl.root / "no_te2_v.safetensors", lambda n: n == name)
+    assert 0 < measure_effect(sdxl.kohya, variant, sdxl.base, samples=SDXL_SMALL).effect_retained < 1 - 1e-4
 
 
 # ---------------------------------------------------------------------------------------------
