@@ -109,9 +109,14 @@ def _private_dir(as_user: dict[str, object]) -> Path:
 
 
 def _start(bin_dir: Path, base: Path, as_user: dict[str, object]) -> None:
-    data, log = base / "data", base / "server.log"
+    data = base / "data"
     _run([str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", SUPERUSER, "--no-sync",
           "-E", "UTF8", "--locale=C", "--no-instructions"], base, as_user)  # fmt: skip
+    _pg_ctl_start(bin_dir, base, as_user)
+
+
+def _pg_ctl_start(bin_dir: Path, base: Path, as_user: dict[str, object]) -> None:
+    data, log = base / "data", base / "server.log"
     options = " ".join(f"-c {k}={v}" for k, v in SERVER_SETTINGS.items())
     try:
         _run([str(bin_dir / "pg_ctl"), "start", "-w", "-t", str(COMMAND_TIMEOUT_S), "-D", str(data),
@@ -150,6 +155,47 @@ def pg_server() -> Iterator[PgServer]:
         _start(bin_dir, base, as_user)
         try:
             yield PgServer(base, PORT)
+        finally:
+            _stop(bin_dir, base, as_user)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class OwnPgServer(PgServer):
+    """A server of one's own, which a test may stop and start again (the same cluster, the same
+    socket): a database lost mid-run and back."""
+
+    bin_dir: Path
+    as_user: dict[str, object]
+
+    def stop(self) -> None:
+        """Fast shutdown (open connections are terminated), waited for."""
+        _run([str(self.bin_dir / "pg_ctl"), "stop", "-m", "fast", "-w", "-t", str(COMMAND_TIMEOUT_S),
+              "-D", str(self.socket_dir / "data")], self.socket_dir, self.as_user)  # fmt: skip
+
+    def start(self) -> None:
+        """Start again, waited for until it accepts connections."""
+        _pg_ctl_start(self.bin_dir, self.socket_dir, self.as_user)
+
+    def create_database(self, name: str) -> str:
+        from psycopg import sql
+
+        with self.admin_connect() as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        return self.url(name)
+
+
+@pytest.fixture
+def pg_own_server() -> Iterator[OwnPgServer]:
+    """A private server for one test, which it may stop and start (not the session's shared one)."""
+    bin_dir = find_bin_dir()
+    as_user = _server_user()
+    base = _private_dir(as_user)
+    try:
+        _start(bin_dir, base, as_user)
+        try:
+            yield OwnPgServer(base, PORT, bin_dir, as_user)
         finally:
             _stop(bin_dir, base, as_user)
     finally:

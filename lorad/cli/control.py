@@ -1,5 +1,5 @@
 """Client commands over the daemon's socket: status, list, show, find, revert, switch, enqueue,
-pause, resume, rescan, verify, gc. Each prints a table for people or, with --json, the reply as JSON.
+pause, resume, drain, rescan, verify, gc. Each prints a table for people or, with --json, the reply as JSON.
 
 The socket is found from `--socket PATH`, else the `socket` key of `--config FILE`, else
 $LORAD_SOCKET, else the default path (this user's, then the system service's).
@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,8 @@ def render_status(s: dict[str, Any]) -> str:
     lines = [
         f"lorad {s['version']} (pid {s['pid']}), up {s['uptime_s']:.0f}s, device {s['device']}, "
         f"{s['workers']} worker{'s' if s['workers'] != 1 else ''}"
-        + (", PAUSED" if s["paused"] else "") + ("" if s["in_window"] else ", outside the reduction window"),
+        + (", DRAINING" if s.get("draining") else ", PAUSED" if s["paused"] else "")
+        + ("" if s["in_window"] else ", outside the reduction window"),
         f"queue: {s['queue_depth']} waiting or running  (pending {q['pending']}, running {q['running']}, "
         f"done {q['done']}, failed {q['failed']})",
     ]  # fmt: skip
@@ -124,7 +126,7 @@ def render_status(s: dict[str, Any]) -> str:
     if s.get("node"):
         lines.append(f"node: {s['node']}, store {s['store_dir']}" + (f" (id {s['store_id']})" if s.get("store_id") else ""))
     fleet = s.get("fleet") or {}
-    watchers = {f["path"]: f["node"] for f in fleet.get("folders", [])}
+    watchers = {} if fleet.get("error") else {f["path"]: f["node"] for f in fleet.get("folders", [])}
     for w in s["watch"]:
         by = f", watched by {watchers[w['path']] or 'no node (lease free or expired)'}" if w["path"] in watchers else ""
         lines.append(f"watching: {w['path']} (policy {w['policy']}{by})")
@@ -136,6 +138,10 @@ def render_status(s: dict[str, Any]) -> str:
         lines += ["  " + line for line in table(rows, ["NODE", "DEVICE", "HEARTBEAT", "RUNNING", "DRAINING", ""]).splitlines()]
     if fleet.get("error"):
         lines.append(f"fleet: {fleet['error']}")
+    db = s.get("database") or {}
+    if db and not db.get("reachable", True):
+        lines.append(f"database: UNREACHABLE since {db.get('since')}: {db.get('error')} (retrying; the figures "
+                     f"above are as of {db.get('as_of') or 'never'})")  # fmt: skip
     if s.get("refused_files"):
         lines.append(f"refused: {s['refused_files']} file(s) not taken (`lorad list` says why)")
     return "\n".join(lines)
@@ -328,6 +334,8 @@ def render_verify(r: dict[str, Any]) -> str:
 
 
 def render_gc(r: dict[str, Any]) -> str:
+    if r.get("skipped"):
+        return f"gc: skipped: {r['skipped']}"
     verb = "freed" if r["executed"] else "would free"
     text = f"gc: {verb} {human_bytes(r['bytes_freed'])}: {len(r['variants'])} variants, " \
            f"{len(r['blobs'])} blobs, {len(r['stray'])} stray files"
@@ -400,6 +408,42 @@ def _simple(method: str, render: Render) -> Callable[[argparse.Namespace], int]:
     return command
 
 
+DRAIN_HELP = """\
+Take this node out of the work, e.g. before maintenance. The node finishes the jobs it is
+running (each is recorded and, as its policy says, activated, as always), claims no new job, and
+gives up the watched folders it watches: their leases are released, so another node of the fleet
+takes each at its next renewal (within lease_seconds / 3) and rescans it; this node stops watching
+at once. The node marks itself draining in the fleet (`lorad status` on any node shows it) and
+keeps answering on its socket. `lorad resume` ends the drain (and a pause): the node claims jobs
+again and takes back the folders that are free; those another node took stay with it. A restart
+also ends it. With a single node (SQLite), nothing watches the folders while it drains.
+--wait returns once the node runs no job (exit status 0), or at --timeout (exit status 1)."""
+
+
+def render_drained(r: dict[str, Any]) -> str:
+    lines = ["draining: no new job is claimed"]
+    if r.get("folders_given_up"):
+        lines.append("gave up: " + ", ".join(r["folders_given_up"]) + " (another node takes them)")
+    running = r.get("running") or []
+    lines.append(f"running: {len(running)} job(s) still finishing" if running else "running: nothing (drained)")
+    return "\n".join(lines)
+
+
+def drain_command(args: argparse.Namespace) -> int:
+    result = call(args, "drain")
+    if not args.wait:
+        return emit(args, result, render_drained)
+    started = time.monotonic()
+    while result["running"]:
+        if args.timeout is not None and time.monotonic() - started >= args.timeout:
+            emit(args, result, render_drained)
+            print(f"lorad: {len(result['running'])} job(s) still running after {args.timeout:g}s", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+        result = {**result, "running": call(args, "status")["running"]}
+    return emit(args, {**result, "waited_s": round(time.monotonic() - started, 1)}, render_drained)
+
+
 def gc_command(args: argparse.Namespace) -> int:
     return emit(args, call(args, "gc", dry_run=not args.apply), render_gc)
 
@@ -411,8 +455,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    def add(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_text: str,
+            description: str | None = None) -> argparse.ArgumentParser:  # fmt: skip
+        p = sub.add_parser(name, help=help_text, description=description or help_text,
+                           formatter_class=argparse.RawDescriptionHelpFormatter if description else argparse.HelpFormatter)  # fmt: skip
         _common(p)
         p.set_defaults(func=_scriptable(func))
         return p
@@ -441,7 +487,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path")
     p.add_argument("--policy", help="use this policy instead of the folder's")
     add("pause", _simple("pause", lambda r: "paused: no new job starts (the running one finishes)"), "start no new jobs")
-    add("resume", _simple("resume", lambda r: "resumed"), "start jobs again")
+    add("resume", _simple("resume", lambda r: "resumed"), "start jobs again; ends a pause and a drain")
+    p = add("drain", drain_command, "finish the running jobs, claim no more, give up this node's folders",
+            DRAIN_HELP)  # fmt: skip
+    p.add_argument("--wait", action="store_true", help="return once the node runs no job")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up waiting after this long")
     add("rescan", _simple("rescan", render_rescan), "reconcile every watched folder now; retry jobs that failed for passing reasons")
     add("verify", _simple("verify", render_verify), "re-hash the store and the watched files; repair records")
     p = add("gc", gc_command, "collect unreferenced reduced variants (a dry run unless --apply)")

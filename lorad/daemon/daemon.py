@@ -1,6 +1,11 @@
 """The composition root: config -> library (migrated) -> control socket -> watcher, workers,
 timers -> READY=1; then a supervisor loop (watchdog, status, expired leases) until SIGTERM.
 
+A database lost mid-run stops nothing here: each part waits and tries again (workers, the fleet's
+heartbeat, the watcher's taking-in, the supervisor and the timers), the log says so once and once
+again when it answers (lorad.library.db.session.Health), and `lorad status` answers with what the
+node knows. `drain` (lorad drain) finishes the running jobs, claims none and gives the folders up.
+
 Start-up order matters: migrations run and the socket listens before systemd hears READY=1; the
 socket is claimed before anything else starts, so a second daemon on the same socket or state
 directory refuses at once and touches nothing.
@@ -33,6 +38,7 @@ from lorad.daemon.watch import Signature, Watcher, signature
 from lorad.daemon.gpu import gpu_probe
 from lorad.daemon.worker import Gate, Runner, Worker
 from lorad.errors import LoradError
+from lorad.library.db.session import DatabaseUnavailable
 from lorad.log import get_logger
 from lorad.pathtext import shown
 from lorad.state_dir import Modes, secure_dir
@@ -91,6 +97,7 @@ class Daemon:
         self._last_ping = 0.0
         self._last_status = ("", 0.0)
         self._last_requeue = 0.0
+        self._counts: dict[str, int] | None = None  # the queue's counts as last read (status_line)
 
     # the life cycle ----------------------------------------------------------------------
 
@@ -134,6 +141,9 @@ class Daemon:
                            running_jobs=lambda: sum(w.running is not None for w in self.workers), on_lead=self.watcher.lead,
                            on_lose=self.watcher.unlead)  # fmt: skip
         self.workers = self._make_workers()
+        # The database answers again: workers claim at once, files that could not be taken in now.
+        self.library.db.health.on_back(self.gate.poke)
+        self.library.db.health.on_back(self.watcher.retry_now)
         self.server = ControlServer(cfg.socket, methods.build(self), Authorizer(os.getuid(), group_id(cfg.operator_group)),
                                     group=group_id(cfg.operator_group))  # fmt: skip
         self.server.start()
@@ -178,8 +188,11 @@ class Daemon:
         now = time.monotonic()
         if now - self._last_requeue >= max(1.0, self.config.lease_seconds / 2):
             self._last_requeue = now
-            if self.queue.requeue_expired():
-                self.gate.poke()
+            try:
+                if self.queue.requeue_expired():
+                    self.gate.poke()
+            except DatabaseUnavailable:
+                pass  # said once by the database's health; tried again next time
         interval = notify.watchdog_interval()
         if interval and now - self._last_ping >= interval and self.healthy():
             notify.watchdog()
@@ -246,8 +259,11 @@ class Daemon:
         """A watched file settled: store it as an original (if new) and queue its reduction."""
         log.info("file settled", path=shown(path), size=sig.size)
         policy = self.config.policies[watch.policy]
-        view = self.ingest(path, watch.policy, actor="watcher", sig=sig)
+        view = self.library.ingest(path, policy=watch.policy, actor="watcher")
         self.enqueue_original(view, policy)
+        # Known (passed by at scans) only once its job is sure: an enqueue that failed (the
+        # database lost) is tried again, and a rescan after a lost lease takes the file again.
+        self.known.remember(path, sig)
 
     def _pass_by_unchanged(self) -> None:
         """The LoRA files whose recorded (device, inode, size, mtime) still holds are known as
@@ -281,6 +297,30 @@ class Daemon:
         if created:
             log.info("job queued", job=job.id, path=shown(view.path), policy=policy.name)
         return job, created
+
+    def drain(self) -> dict[str, Any]:
+        """Finish the running jobs, claim no more, give up this node's folders (another node takes
+        them at its next renewal) and say `draining` in the fleet; the socket still answers.
+        `resume` ends it."""
+        already = self.gate.draining
+        self.gate.set_draining(True)
+        given_up = self.fleet.set_draining(True) if self.fleet is not None else []
+        if not already:
+            log.info("draining: finishing the running jobs, claiming none, folders given up",
+                     running=len(self.running_jobs()), folders=[str(f) for f in given_up])  # fmt: skip
+        return {"draining": True, "folders_given_up": [str(f) for f in given_up], "running": self.running_jobs()}
+
+    def resume(self) -> dict[str, Any]:
+        """End a pause and a drain: jobs start again, and the folders come back at the next
+        renewal (those another node took meanwhile stay with it while its lease lives)."""
+        drained = self.gate.draining
+        self.gate.set_paused(False)
+        self.gate.set_draining(False)
+        if drained:
+            if self.fleet is not None:
+                self.fleet.set_draining(False)
+            log.info("drain ended")
+        return {"paused": False, "draining": False}
 
     def retry(self) -> list[int]:
         """Expired leases and failed jobs whose error may pass (a full disk...): pending again."""
@@ -355,11 +395,18 @@ class Daemon:
     def status_line(self) -> str:
         if getattr(self, "queue", None) is None:
             return "starting"
-        counts = self.queue.counts()
+        try:
+            counts = self._counts = self.queue.counts()
+        except DatabaseUnavailable:
+            counts = self._counts or {"pending": 0, "done": 0, "failed": 0}
         parts = [f"queue={counts['pending']}", f"done={counts['done']}", f"failed={counts['failed']}"]
         for job in self.running_jobs():
             parts.append(f"running={Path(job['path'] or '?').name} {job['progress']:.0%}")
-        if self.gate.paused:
+        if not self.library.db.health.reachable:
+            parts.append("database unreachable")
+        if self.gate.draining:
+            parts.append("draining")
+        elif self.gate.paused:
             parts.append("paused")
         elif not self.gate.in_window:
             parts.append("outside window")

@@ -21,6 +21,11 @@ only once this one has stopped. A renewal that finds another node there, or none
 before that deadline (the database is unreachable, the process stalled), stops the watching at once
 (lorad.daemon.watch.Watcher.lead). A clean shutdown deletes the node's leases and its row, so
 another node takes its folders at its next renewal instead of after the expiry.
+
+A draining node (`lorad drain`) gives its folders up the same way (its leases deleted, the watching
+stopped at once) but keeps its row, marked `draining`, and its heartbeat; while it drains, each round
+deletes any lease of its own left (a drain while the database was unreachable) and takes none.
+`lorad resume` ends the drain: the next round takes the folders that are free.
 """
 
 from __future__ import annotations
@@ -72,9 +77,11 @@ class Fleet:
         self._held: dict[Path, float] = {}  # folder -> until (clock time)
         self._started_at: datetime | None = None
         self._failing = False
+        self.draining = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._round = threading.RLock()  # one round (or a drain) at a time
 
     # life cycle --------------------------------------------------------------------------
 
@@ -106,6 +113,25 @@ class Fleet:
             if held:
                 log.info("gave up the folder leases", folders=[str(f) for f in held])
 
+    def set_draining(self, draining: bool) -> list[Path]:
+        """Drain (give up every folder now and take none until the drain ends; the node's row says
+        `draining`) or end the drain. Returns the folders given up. The watching stops at once;
+        a database that does not answer now is told at the next round (the leases lapse anyway:
+        no round renews them)."""
+        with self._round:
+            self.draining = draining
+            with self._lock:
+                held, self._held = (list(self._held), {}) if draining else ([], self._held)
+            for folder in held:
+                self._on_lose(folder)
+            if held:
+                log.info("draining: gave up the folders", folders=[str(f) for f in held], node=self.node)
+            try:
+                self.beat()  # records the drain (or its end) and, ended, takes the free folders
+            except Exception as e:  # noqa: BLE001 - beat says so itself; the next round tries again
+                log.warning("could not record the drain yet", error=str(e))
+            return held
+
     def _run(self) -> None:
         due = self._clock() + self.every
         while not self._stop.wait(max(0.0, due - self._clock())):
@@ -117,6 +143,10 @@ class Fleet:
     def beat(self) -> dict[Path, bool]:
         """Renew this node's row and take or renew each folder's lease; tell the watcher what it
         holds. A round that fails changes nothing: what is held expires at its own deadline."""
+        with self._round:
+            return self._beat()
+
+    def _beat(self) -> dict[Path, bool]:
         began = self._clock()
         try:
             won = self._renew()
@@ -159,6 +189,9 @@ class Fleet:
                 self._started_at = now
             self._upsert_node(s, now)
             won: dict[Path, bool] = {}
+            if self.draining:  # hold nothing: a lease left from before (unrecorded drain) goes
+                s.execute(delete(FolderLease).where(FolderLease.node == self.node))
+                return {folder: False for folder in self.folders}
             for folder in self.folders:
                 key = str(folder)
                 taken = self._insert(s, FolderLease, {"folder": key, "node": self.node,
@@ -174,7 +207,8 @@ class Fleet:
             return won
 
     def _upsert_node(self, s: Session, now: datetime) -> None:
-        values = {"device": self.device, "heartbeat_at": now, "running_jobs": int(self._running_jobs()), "draining": False}
+        values = {"device": self.device, "heartbeat_at": now, "running_jobs": int(self._running_jobs()),
+                  "draining": self.draining}  # fmt: skip
         if not self._insert(s, Node, {"name": self.node, "started_at": self._started_at, **values}):
             s.execute(update(Node).where(Node.name == self.node).values(**values))
 

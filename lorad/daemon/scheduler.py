@@ -18,6 +18,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from lorad.daemon.config import Schedule
+from lorad.library.db.session import DatabaseLost
 from lorad.log import get_logger
 
 log = get_logger("lorad.scheduler")
@@ -82,6 +83,8 @@ def _guarded(name: str, call: Callable[[], object]) -> Callable[[], None]:
     def run() -> None:
         try:
             call()
+        except DatabaseLost:
+            pass  # said once by the database's health; the timer fires again
         except Exception:  # noqa: BLE001 - a timer's failure is logged; the timer keeps firing
             log.exception("timer failed", timer=name)
 

@@ -22,8 +22,10 @@ A file that fails one of the last rules is refused (lorad.library.refusals): its
 path and cause and handed to `on_refused` (the daemon records it for `lorad list`), and it is
 left alone until its (size, mtime, inode) change or a reconcile scan looks again: a rescan
 re-examines every file, refused ones included (a chmod changes none of the three).
-Taking a file in (`on_settled`) may fail for a while (the database is locked, the disk is full:
-a TransientError): the file is tried again with backoff, not dropped until the next scan.
+Taking a file in (`on_settled`) may fail for a while (the database is locked, the disk is full,
+the database server cannot be reached: a TransientError): the file is tried again with backoff, not
+dropped until the next scan, and at once when the database answers again (`retry_now`). An
+unreachable database is said once, by its health (lorad.library.db.session.Health), not per file.
 A reconcile scan runs at start, after an inotify overflow, when an observer thread died, and on
 request (the schedule, `lorad rescan`). Folders on network filesystems are polled. The caller's
 `ignore(path, signature)` keeps lorad from reacting to its own writes; a scan passes such files by
@@ -73,6 +75,7 @@ from lorad.daemon.config import WatchDir
 from lorad.daemon.folder_check import open_lora_refusal
 from lorad.errors import LoradError, TransientError
 from lorad.library import adapter_folder
+from lorad.library.db.session import DatabaseLost
 from lorad.library.refusals import FAILED, INCOMPLETE, Refusal, examine, refusal_of
 from lorad.log import get_logger
 from lorad.pathtext import shown
@@ -310,6 +313,12 @@ class Settler:
             self._rejected[path] = sig
             self._refused.append(Refused(path, sig, refusal))
 
+    def hurry(self) -> None:
+        """Candidates waiting out a retry's backoff are due now (what they waited on is back)."""
+        with self._lock:
+            for cand in self._candidates.values():
+                cand.not_before = 0.0
+
     def retry_later(self, path: Path, sig: Signature, delay: float) -> None:
         """Hand `path` on again once `delay` seconds have passed (and it is still settled)."""
         with self._lock:
@@ -380,6 +389,8 @@ class Settler:
             refusal: Refusal | str | None = self._examine(path)
         except FileNotFoundError:
             return "gone"
+        except TransientError:  # (an adapter folder's look-up in the database): look again later
+            return "wait"
         except OSError as e:
             refusal = refusal_of(e, path)
         if signature(path) != sig:
@@ -624,6 +635,11 @@ class Watcher:
         watch = self._for_path(path)
         return watch is not None and self.leads(watch.path)
 
+    def retry_now(self) -> None:
+        """The files whose taking-in failed for a passing reason are tried again at the next tick
+        (the database answers again)."""
+        self.settler.hurry()
+
     def request_reconcile(self, reason: str) -> None:
         log.info("reconcile scan requested", reason=reason)
         self._reconcile.set()
@@ -796,6 +812,8 @@ class Watcher:
                 continue  # back already (replaced by a rename, or swapped), or another node's
             try:
                 self._on_gone(path)
+            except DatabaseLost:
+                pass  # said once by the database's health; the next reconcile scan does the same
             except Exception as e:  # noqa: BLE001 - the next reconcile scan does the same
                 log.warning("could not act on a deleted file", path=shown(path), error=shown(str(e)))
 
@@ -835,6 +853,8 @@ class Watcher:
         delay = min(RETRY_CAP, RETRY_BASE * 2 ** (attempt - 1))
         self.settler.retry_later(path, sig, delay)
         said = ("transient", shown(str(error)))
+        if isinstance(error, DatabaseLost):
+            return  # said once for every file, by the database's health
         if self._said.get(path) != said:
             self._said[path] = said
             log.warning("cannot take the file in for now; trying again with backoff", path=shown(path),

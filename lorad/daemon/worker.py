@@ -12,6 +12,12 @@ input are permanent. While a job runs, a heartbeat renews its lease and the chil
 recorded; on shutdown a job either finishes within the grace period or is abandoned (its child
 killed) and given back to the queue, so no half-made variant is ever recorded. Before a job
 starts, a busy GPU (someone generating) makes the worker wait.
+
+A database that cannot be reached (lorad.library.db.session.DatabaseLost) fails nothing: a worker
+claims nothing and tries again with backoff (woken at once when the database answers again); a
+running job goes on, and if its outcome cannot be recorded it is neither activated nor marked
+done: it is given back when the database lets it, else its lease lapses and the job is redone.
+Drain (Gate.draining) is pause's stronger sibling: the running jobs finish, no job is claimed.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from lorad.errors import (
 )
 from lorad.library import effects
 from lorad.library.db import repo
+from lorad.library.db.session import DatabaseLost, DatabaseUnavailable
 from lorad.log import get_logger
 
 log = get_logger("lorad.worker")
@@ -57,6 +64,7 @@ class JobAbandoned(Exception):
 
 PERMANENT = (FormatError, ReduceError, PolicyMissing)
 OOM_NOTE = "out of memory:"
+CLAIM_BACKOFF_CAP = 10.0  # seconds between claims while the database does not answer, at most
 
 
 def quality_spec(policy: Policy, device: str) -> dict[str, Any] | None:
@@ -161,6 +169,8 @@ class Runner:
         try:
             figures = effects.parse(reduced.effect)
             self.library.record_effect(variant_id, figures, actor=f"policy:{policy.name}")
+        except DatabaseUnavailable:
+            raise  # no decision without the database: the job is given back, or redone
         except (LoradError, OSError) as e:
             log.warning("the quality check's figures were not recorded", variant=variant_id, error=str(e))
             return None, f"its figures could not be recorded: {e}"
@@ -174,6 +184,8 @@ class Runner:
                             decision.saving, decision.fro_retained, effect_retained=decision.effect_retained)  # fmt: skip
         try:
             lora = self.library.activate(job.lora_id, variant_id, actor=f"policy:{policy.name}")
+        except DatabaseUnavailable:
+            raise  # not a refusal of the variant: the job is given back, or redone
         except StoreError as e:
             return Decision(False, f"not activated: {e}", decision.saving, decision.fro_retained,
                             effect_retained=decision.effect_retained)  # fmt: skip
@@ -205,14 +217,19 @@ class Gate:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self.paused = False
+        self.draining = False  # `lorad drain`: as paused, and this node gives up its folders
         self.in_window = True
         self._generation = 0
 
     def is_open(self) -> bool:
-        return not self.paused and self.in_window
+        return not self.paused and not self.draining and self.in_window
 
     def set_paused(self, paused: bool) -> None:
         self.paused = paused
+        self.poke()
+
+    def set_draining(self, draining: bool) -> None:
+        self.draining = draining
         self.poke()
 
     def set_window(self, inside: bool) -> None:
@@ -296,6 +313,7 @@ class Worker:
             self._thread.join(grace)
 
     def _loop(self) -> None:
+        failures = 0  # claims in a row that the database refused
         while not self._stopping.is_set():
             seen = self.gate.generation()
             if not self.gate.is_open():
@@ -304,17 +322,30 @@ class Worker:
                 continue
             try:
                 job = self.queue.claim(self.name)
-            except Exception:  # noqa: BLE001 - a busy or broken database must not end the worker
-                log.exception("claiming a job failed", worker=self.name)
-                self._stopping.wait(self.idle_seconds)
+            except Exception as e:  # noqa: BLE001 - a busy or broken database must not end the worker
+                failures += 1
+                if not isinstance(e, DatabaseLost):  # (an unreachable one is said once, by its health)
+                    log.exception("claiming a job failed", worker=self.name)
+                # Backoff; a poke (the database answers again, new work) ends the wait early.
+                self.gate.wait(seen, min(CLAIM_BACKOFF_CAP, self.idle_seconds * 2 ** min(failures - 1, 6)))
                 continue
+            failures = 0
             if job is None:
                 self.waiting = None
                 self.gate.wait(seen, self.idle_seconds)
                 continue
+            if not self.gate.is_open():  # paused or drained while claiming: not started, not counted
+                self._give_back(job, "the gate closed while it was claimed")
+                continue
             if self._wait_for_gpu(job):
                 continue
             self._run(job)
+
+    def _give_back(self, job: JobView, why: str) -> None:
+        try:
+            self.queue.release(job.id, self.name)
+        except Exception as e:  # noqa: BLE001 - its lease runs out and it is requeued anyway
+            log.warning("could not give a job back; its lease runs out", job=job.id, why=why, error=str(e))
 
     def _wait_for_gpu(self, job: JobView) -> bool:
         """True (the job given back, the worker resting) while the GPU is busy."""
@@ -360,6 +391,8 @@ class Worker:
             return "done", self.runner(job, progress)
         except JobAbandoned:
             return "abandoned", None
+        except DatabaseLost as e:  # its outcome cannot be recorded: not activated, not done
+            return "lost", e
         except TransientError as e:  # before PERMANENT: OutputWriteError is a ReduceError too
             return "transient", e
         except PERMANENT as e:
@@ -376,6 +409,11 @@ class Worker:
             elif kind == "abandoned":
                 self.queue.release(job.id, self.name)
                 log.info("job given back", job=job.id)
+            elif kind == "lost":
+                # The database answers again already: given back untouched, redone at once.
+                self.queue.release(job.id, self.name)
+                log.warning("job given back: the database could not be reached to record it", job=job.id,
+                            error=str(value))  # fmt: skip
             else:
                 assert isinstance(value, BaseException)
                 after = self.queue.fail(job.id, self.name, error_text(value), permanent=kind == "permanent")
@@ -386,6 +424,10 @@ class Worker:
                           exc_info=value if unexpected else None)  # fmt: skip
         except LeaseLost as e:
             log.warning("job outcome not recorded: lease lost", job=job.id, outcome=kind, error=str(e))
+        except DatabaseUnavailable as e:
+            # Nothing of it recorded: its lease lapses and the job is redone (here or elsewhere).
+            log.warning("job outcome not recorded: the database did not answer; the job is redone once "
+                        "its lease lapses", job=job.id, outcome=kind, error=str(e))  # fmt: skip
         except Exception:  # noqa: BLE001
             log.exception("recording the job's outcome failed", job=job.id, outcome=kind)
 
@@ -406,5 +448,9 @@ class Worker:
             except LeaseLost:
                 log.warning("lease lost while running", job=running.job.id)
                 return
+            except DatabaseLost:
+                # Said once by the database's health; the job goes on (its outcome may not be
+                # recordable), and the worker is alive: the watchdog must not restart the node.
+                running.last_beat = time.monotonic()
             except Exception:  # noqa: BLE001 - try again at the next beat
                 log.exception("heartbeat failed", job=running.job.id)

@@ -9,20 +9,44 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import structlog
+from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from lorad.engine.formats.detect import detect_format
 from lorad.engine.formats.keys import group_keys, parse_key
 from lorad.engine.formats.safetensors_file import Header, file_data_sha256, read_header
-from lorad.errors import LoradError
+from lorad.errors import LoradError, StoreError, TransientError
 from lorad.library.db import repo
 from lorad.library.db.models import Lora
 from lorad.library.db.session import Database
 from lorad.library.refusals import Refusal
 from lorad.library.sidecars import read_claims
 from lorad.library.store import BlobInfo, FileStamp, Store
+
+log = structlog.get_logger()
+
+PUT_LOCK_SPACE = 0x6C6F7261  # "lora": the first key of the advisory lock a put takes (PostgreSQL)
+
+# The first key of the per-blob advisory locks (PostgreSQL): a writer recording a blob holds its
+# lock shared for the transaction that names it; gc holds it exclusively while it deletes the blob's
+# row and file (lorad.library.upkeep). The second key is the sha256's first 32 bits.
+BLOB_LOCK_SPACE = 0x626C6F62  # "blob"
+
+
+def blob_lock_key(sha256: str) -> int:
+    """The second key of a blob's advisory lock: a signed 32-bit integer from its sha256 (two blobs
+    sharing one only wait on each other, harmlessly)."""
+    return int(sha256[:8], 16) - (1 << 31)
+
+
+class BlobCollected(StoreError, TransientError):
+    """A blob stored for this operation was collected by gc (on another node) before the operation
+    named it: store it again and retry."""
 
 
 def header_ranks(header: Header) -> tuple[int, ...]:
@@ -72,6 +96,35 @@ class Core:
         if header.data_offset != before.data_offset:
             data_sha256 = file_data_sha256(self.store.path_of(info.sha256), header)
         return info, blob_record(info.sha256, info.bytes, data_sha256, header, info.blake3)
+
+    def record_blobs(
+        self, s: Session, records: Iterable[repo.BlobRecord], restore: Callable[[], object] | None = None
+    ) -> None:
+        """Record stored blobs in the transaction `s` that is about to name them (a variant, a tree).
+
+        gc on another node may have removed a blob between its storing and now (it was unrecorded,
+        or recorded and unreferenced, and past gc's grace). So, on PostgreSQL, hold each blob's
+        advisory lock shared until `s` ends (gc deletes a row and its file only holding it
+        exclusively), then make sure each file is still in the store; if one is not, `restore()`
+        stores them again (under the locks, so gc cannot take them twice), else BlobCollected (a
+        TransientError: the caller's retry stores them again). Once this returns, gc sees the
+        reference `s` commits (it plans again under its locks) or waits for `s` to end. On SQLite the write lock that
+        `s` holds does the same (gc writes under it)."""
+        records = list(records)
+        shas = sorted({r.sha256 for r in records})
+        if not self.db.is_sqlite:
+            for sha in shas:
+                s.execute(text("SELECT pg_advisory_xact_lock_shared(CAST(:space AS integer), CAST(:key AS integer))"),
+                          {"space": BLOB_LOCK_SPACE, "key": blob_lock_key(sha)})  # fmt: skip
+        for record in records:
+            repo.ensure_blob(s, record)
+        gone = [sha for sha in shas if not self.store.present(sha)]
+        if gone and restore is not None:
+            log.info("a blob gc took before it was recorded is stored again", sha256=gone[0])
+            restore()
+            gone = [sha for sha in gone if not self.store.present(sha)]
+        if gone:
+            raise BlobCollected(f"blob {gone[0][:12]} was collected by gc before it was recorded; storing it again")
 
     def mirror_of(self, row: Lora) -> Path | None:
         """Where a LoRA's active variant is written when its folder is in mirror mode, else None."""

@@ -71,9 +71,10 @@ def store_tree(core: Core, folder: Path, modes: Mapping[str, int] | None = None)
     return StoredTree(manifest.sha256, tuple(entries), (*records, tree), total)
 
 
-def record_tree(s, stored: StoredTree) -> None:  # type: ignore[no-untyped-def]
-    for record in stored.records:
-        repo.ensure_blob(s, record)
+def record_tree(core: Core, s, stored: StoredTree, restore: Callable[[], object]) -> None:  # type: ignore[no-untyped-def]
+    """Record a stored tree's blobs and entries; a blob gc took since its storing is stored again by
+    `restore()` (or BlobCollected, transient, if the folder no longer holds those bytes)."""
+    core.record_blobs(s, stored.records, restore=restore)
     repo.add_tree_entries(s, stored.sha256, ((e.name, e.sha256, e.mode) for e in stored.entries))
 
 
@@ -91,7 +92,7 @@ def ingest(core: Core, target: Path, root: Path, given: str, policy: str | None,
     _crashpoint("ingest:after-store")
     with core.db.write() as s:
         lora = repo.lora_by_path(s, str(target)) or repo.add_lora(s, str(target), str(root), policy, kind="folder")
-        record_tree(s, stored)
+        record_tree(core, s, stored, lambda: store_tree(core, target))
         variant = repo.original_with_blob(s, lora, stored.sha256)
         repo.set_original(s, lora, variant)
         repo.set_active(s, lora, variant)
@@ -123,7 +124,7 @@ def add_variant(core: Core, lora_id: int, report: Report, source_tree: str | Non
         raise StoreError(f"{out}: its {WEIGHTS} is not the one the reduction reported; not added")
     _crashpoint("add_variant:after-store")
     with core.db.write() as s:
-        record_tree(s, stored)
+        record_tree(core, s, stored, lambda: store_tree(core, out, modes=original))
         variant = repo.record_reduction(s, lora_id, stored.sha256, stored.bytes, source.id, report, actor)
         view = variant_view(variant, stored.bytes)
     _crashpoint("add_variant:after-commit")
@@ -182,7 +183,7 @@ def _adopt(core: Core, lora_id: int, folder: Path, old: int | None, actor: str, 
     with core.db.write() as s:
         row = s.get(Lora, lora_id)
         assert row is not None
-        record_tree(s, stored)
+        record_tree(core, s, stored, lambda: store_tree(core, folder))
         variant = repo.original_with_blob(s, row, stored.sha256)
         if active:
             repo.set_original(s, row, variant)

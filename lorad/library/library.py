@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -28,7 +29,7 @@ from typing import Any, Literal
 
 import structlog
 from sqlalchemy import text
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from lorad._atomic import is_temp_name
@@ -37,14 +38,14 @@ from lorad.engine.formats.safetensors_file import read_header
 from lorad.engine.report import Report
 from lorad.errors import LoradError, StoreError
 from lorad.library import effects, folder_swap, folders, listing, store_identity, trees, upkeep
-from lorad.library.core import Core, header_ranks
+from lorad.library.core import PUT_LOCK_SPACE, Core, header_ranks
 from lorad.library.db import repo
 from lorad.library.db.models import Blob, Lora, Variant
 from lorad.library.db.session import (
     BUSY_TIMEOUT_MS,
     Database,
+    DatabaseLost,
     DatabaseUnavailable,
-    _raise_transient,
     default_url,
     sqlite_path,
     unreachable,
@@ -78,7 +79,6 @@ from lorad.state_dir import Modes, secure_dir, secure_sqlite
 log = structlog.get_logger()
 
 LoraRef = int | str | os.PathLike[str]
-PUT_LOCK_SPACE = 0x6C6F7261  # "lora": the first key of the advisory lock a put takes (PostgreSQL)
 SwitchKind = Literal["activated", "reverted", "switched"]
 
 
@@ -137,10 +137,10 @@ class Library:
             db = Database(self.database_url, busy_timeout_ms)
             if check_store_identity:
                 self.store_id = store_identity.claim(db, store_root, node).store_id
-        except (SQLAlchemyError, ImportError) as e:
+        except (SQLAlchemyError, ImportError, DatabaseLost) as e:
             if db is not None:
                 db.close()
-            raise unreachable(self.database_url, e) from e
+            raise unreachable(self.database_url, e.__cause__ if isinstance(e, DatabaseLost) and e.__cause__ else e) from e
         except BaseException:
             if db is not None:
                 db.close()
@@ -156,6 +156,7 @@ class Library:
         )
         self.db, self.store, self.swap_area, self.lock = self.core.db, self.core.store, swap_area, self.core.lock
         self._serialising: set[int] = set()  # the LoRAs whose put lock this process holds (under self.lock)
+        self.node = node or socket.gethostname()  # this machine's name in a fleet (gc's lock says it)
 
     def close(self) -> None:
         self.db.close()
@@ -437,7 +438,7 @@ class Library:
             _crashpoint("ingest:after-store")
             with self.db.write() as s:
                 lora = repo.lora_by_path(s, str(target)) or repo.add_lora(s, str(target), str(root), policy)
-                repo.ensure_blob(s, record)
+                self.core.record_blobs(s, [record], restore=lambda: self.store_file(target, expect_sha256=info.sha256))
                 variant = repo.original_with_blob(s, lora, info.sha256)
                 repo.set_original(s, lora, variant)
                 repo.set_active(s, lora, variant)
@@ -483,7 +484,8 @@ class Library:
             info, record = self.store_file(out, expect_sha256=report.output.sha256)
             _crashpoint("add_variant:after-store")
             with self.db.write() as s:
-                repo.ensure_blob(s, record)
+                # The blob is still there (gc on another node may have taken it since: stored again), and stays.
+                self.core.record_blobs(s, [record], restore=lambda: self.store_file(out, expect_sha256=info.sha256))
                 variant = repo.record_reduction(s, lora_id, info.sha256, info.bytes, source_row.id, report, actor)
                 view = variant_view(variant, info.bytes)
             _crashpoint("add_variant:after-commit")
@@ -555,17 +557,14 @@ class Library:
         if self.db.is_sqlite or lora_id in self._serialising:
             yield
             return
-        try:
-            with self.db.engine.connect() as conn, conn.begin():
-                conn.execute(text("SELECT pg_advisory_xact_lock(CAST(:space AS integer), CAST(:id AS integer))"), {"space": PUT_LOCK_SPACE, "id": lora_id})
-                self._serialising.add(lora_id)
-                try:
-                    yield
-                finally:
-                    self._serialising.discard(lora_id)
-        except OperationalError as e:  # a lock wait past lock_timeout, a lost connection
-            _raise_transient(e)
-            raise
+        # A lock wait past lock_timeout: DatabaseUnavailable; a lost connection: DatabaseLost.
+        with self.db.guard(), self.db.engine.connect() as conn, conn.begin():
+            conn.execute(text("SELECT pg_advisory_xact_lock(CAST(:space AS integer), CAST(:id AS integer))"), {"space": PUT_LOCK_SPACE, "id": lora_id})
+            self._serialising.add(lora_id)
+            try:
+                yield
+            finally:
+                self._serialising.discard(lora_id)
 
     def mirror_of(self, row: Lora) -> Path | None:
         """Where a LoRA's active variant is written when its folder is in mirror mode, else None."""
@@ -706,7 +705,7 @@ class Library:
         keep_by_policy: Mapping[str, int] | None = None,
     ) -> GcPlan:
         """Plan (and unless `dry_run`, carry out) a collection; see lorad.library.upkeep.gc."""
-        return upkeep.gc(self.core, dry_run, keep_variants, grace, actor, keep_by_policy)
+        return upkeep.gc(self.core, dry_run, keep_variants, grace, actor, keep_by_policy, self.node)
 
     # -- helpers -----------------------------------------------------------------------------------
 

@@ -188,6 +188,7 @@ class GcPlan:
     blobs: tuple[tuple[str, int], ...]  # (sha256, bytes) to delete from the store
     stray: tuple[tuple[str, int], ...]  # unrecorded store files past the grace period
     executed: bool = False
+    skipped: str | None = None  # why nothing was done: another node of the fleet holds gc
 
     @property
     def bytes_freed(self) -> int:

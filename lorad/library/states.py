@@ -96,7 +96,7 @@ def adopt_new_original(core: Core, lora_id: int, path: Path, old: int | None, ac
     with core.db.write() as s:
         row = s.get(Lora, lora_id)
         assert row is not None
-        repo.ensure_blob(s, record)
+        core.record_blobs(s, [record], restore=lambda: core.store_file(path, expect_sha256=info.sha256))
         variant = repo.original_with_blob(s, row, info.sha256)
         repo.set_original(s, row, variant)
         repo.set_active(s, row, variant)

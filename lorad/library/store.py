@@ -247,6 +247,26 @@ class Store:
         except FileNotFoundError:
             return None
 
+    def present(self, sha256: str) -> bool:
+        """Whether the blob is in the store now, asked by opening it: on NFS an open revalidates
+        with the server (close-to-open), where a stat may answer from a cache for `actimeo`."""
+        try:
+            fd = os.open(self.path_of(sha256), os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        os.close(fd)
+        return True
+
+    def clock(self) -> float:
+        """The store's filesystem's time now (a file server's own, on NFS): the mtime of a file just
+        created in tmp/. gc ages unrecorded blobs (mtimes set by that same clock) against it."""
+        fd, name = tempfile.mkstemp(dir=self.tmp, prefix="clock-")
+        try:
+            return os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
+            _remove_quietly(Path(name))
+
     def is_intact(self, sha256: str) -> bool:
         """Re-hash a blob: True when present and its bytes still hash to its name."""
         try:

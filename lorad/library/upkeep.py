@@ -7,19 +7,22 @@ and the records); the Library's `verify` and `gc` methods call them.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import structlog
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from lorad._atomic import remove_tree, temp_name
 from lorad.errors import FormatError, LoradError, StoreError
 from lorad.library import folders, store_identity, trees
-from lorad.library.core import Core
+from lorad.library.core import BLOB_LOCK_SPACE, PUT_LOCK_SPACE, Core, blob_lock_key
 from lorad.library.db import repo
+from lorad.library.db.session import DatabaseUnavailable
 from lorad.library.db.models import Blob, Lora, utcnow
 from lorad.library.reconcile import reconcile
 from lorad.library.records import GcPlan, Reconciled, VerifyReport
@@ -238,6 +241,18 @@ class _KeepRule:
         return self.by_policy.get(policy, self.default) if policy is not None else self.default
 
 
+GC_LOCK_SPACE = 0x67632020  # "gc  ": the first key of the advisory lock a collecting node holds (PostgreSQL)
+
+
+@dataclass
+class _Held:
+    """What a collection may touch: the LoRAs whose reduced variants it may forget and the blobs it
+    may delete (None: all, where nothing else can write meanwhile, as on SQLite)."""
+
+    loras: set[int] | None = None
+    blobs: set[str] | None = None
+
+
 def gc(
     core: Core,
     dry_run: bool = True,
@@ -245,54 +260,192 @@ def gc(
     grace: timedelta = timedelta(hours=1),
     actor: str = "gc",
     keep_by_policy: Mapping[str, int] | None = None,
+    node: str | None = None,
 ) -> GcPlan:
     """Plan (and unless `dry_run`, carry out) removing reduced variants beyond the newest
     `keep_variants` per LoRA (`keep_by_policy[lora.policy]` where given) and store blobs nothing
     refers to, all older than `grace`. Originals, active variants and their blobs are never
-    collected."""
+    collected.
+
+    Ages: a recorded blob's by its row's created_at against the database's clock (both the
+    server's, on PostgreSQL); an unrecorded file's by its mtime against the store's own clock (a
+    file server's, on NFS). The grace period is a margin, not what keeps a blob that is being
+    recorded: on PostgreSQL a collection runs on one node at a time (a session advisory lock;
+    another node's gc returns at once, `skipped` saying who holds it), and it deletes a blob only
+    holding that blob's advisory lock exclusively, which every writer recording a blob holds shared
+    until its transaction ends (Core.record_blobs), and forgets a variant only holding its LoRA's put
+    lock; under those locks it plans again, so it sees every reference committed before and none
+    can be added until its files are gone. A writer that comes after finds its blob gone and
+    stores it again. On SQLite one daemon owns the database and the library's lock serialises
+    all of this in it."""
     keep = _KeepRule(keep_variants, dict(keep_by_policy or {}))
     if min((keep_variants, *keep.by_policy.values())) < 0:
         raise StoreError("keep_variants must be >= 0")
     with core.lock:
-        cutoff = utcnow() - grace
-        with core.db.read() as s:
-            plan = _gc_plan(core, s, keep, cutoff)
-        if dry_run or not (plan.variants or plan.blobs or plan.stray):
+        if dry_run or core.db.is_sqlite:
+            return _collect(core, keep, grace, dry_run, actor, None, node)
+        with _FleetLocks(core, node) as locks:
+            if locks.holder is not None:
+                log.info("gc skipped: another node holds gc", holder=locks.holder)
+                return GcPlan((), (), (), skipped=f"another node holds gc ({locks.holder})")
+            return _collect(core, keep, grace, dry_run, actor, locks, node)
+
+
+def _collect(
+    core: Core, keep: _KeepRule, grace: timedelta, dry_run: bool, actor: str, locks: _FleetLocks | None, node: str | None
+) -> GcPlan:
+    with core.db.read() as s:
+        db_cutoff = repo.db_now(s) - grace
+    store_cutoff = core.store.clock() - grace.total_seconds()
+    with core.db.read() as s:
+        plan, loras = _gc_plan(core, s, keep, db_cutoff, store_cutoff, _Held())
+    if dry_run or not (plan.variants or plan.blobs or plan.stray):
+        return plan
+    if locks is None:
+        plan = _collect_round(core, keep, db_cutoff, store_cutoff, _Held(), actor, node)
+        return replace(plan, executed=True)
+    # In rounds of at most LOCKS_PER_ROUND locks: advisory locks live in PostgreSQL's shared lock
+    # table (max_locks_per_transaction x max_connections entries for the whole server).
+    lora_ids = sorted(loras)
+    shas = sorted({sha for sha, _ in (*plan.blobs, *plan.stray)})
+    done: list[GcPlan] = []
+    while lora_ids or shas:
+        some_loras, lora_ids = set(lora_ids[:LOCKS_PER_ROUND]), lora_ids[LOCKS_PER_ROUND:]
+        room = LOCKS_PER_ROUND - len(some_loras)
+        some_shas, shas = set(shas[:room]), shas[room:]
+        held = locks.take(some_loras, some_shas)
+        try:
+            done.append(_collect_round(core, keep, db_cutoff, store_cutoff, held, actor, node))
+        finally:
+            locks.give_back(held)
+    return GcPlan(tuple(v for p in done for v in p.variants), tuple(b for p in done for b in p.blobs),
+                  tuple(b for p in done for b in p.stray), executed=True)  # fmt: skip
+
+
+LOCKS_PER_ROUND = 500
+
+
+def _collect_round(
+    core: Core, keep: _KeepRule, cutoff: datetime, store_cutoff: float, held: _Held, actor: str, node: str | None
+) -> GcPlan:
+    """Forget and delete what the plan made again under the locks `held` says (all, on SQLite)."""
+    with core.db.write() as s:
+        plan, _ = _gc_plan(core, s, keep, cutoff, store_cutoff, held)  # again, under the locks
+        if not (plan.variants or plan.blobs or plan.stray):
             return plan
-        with core.db.write() as s:
-            plan = _gc_plan(core, s, keep, cutoff)  # again, under the write lock
-            repo.delete_variants(s, plan.variants)
-            repo.delete_blob_rows(s, [sha for sha, _ in plan.blobs])
-            repo.record_event(s, "collected", actor, **_gc_summary(plan))
-        _crashpoint("gc:after-commit")
-        # Records first, files after: a crash here leaves unrecorded files, the next gc's strays.
-        for sha, _ in (*plan.blobs, *plan.stray):
-            core.store.remove(sha)
-        return GcPlan(plan.variants, plan.blobs, plan.stray, executed=True)
+        repo.delete_variants(s, plan.variants)
+        repo.delete_blob_rows(s, [sha for sha, _ in plan.blobs])
+        repo.record_event(s, "collected", actor, **_gc_summary(plan), **({"node": node} if node else {}))
+    _crashpoint("gc:after-commit")
+    # Records first, files after (on PostgreSQL still under the blobs' locks): a crash here leaves
+    # unrecorded files, the next gc's strays.
+    for sha, _ in (*plan.blobs, *plan.stray):
+        core.store.remove(sha)
+    return plan
 
 
-def _gc_plan(core: Core, s: Session, keep: _KeepRule, cutoff: datetime) -> GcPlan:
+class _FleetLocks:
+    """The advisory locks of one collection on PostgreSQL, on a connection of its own: the gc lock
+    (tried; `holder` names the node holding it when that fails), then the put locks of the LoRAs and
+    the locks of the blobs it means to touch (tried: a busy one is left for the next gc).
+    Session-level, so they outlast the deleting transaction until the files are removed; all are
+    released on exit, and by PostgreSQL if this node's connection dies."""
+
+    def __init__(self, core: Core, node: str | None) -> None:
+        self.core, self.node = core, node or "a node"
+        self.holder: str | None = None
+        self.conn: Connection | None = None
+
+    def __enter__(self) -> _FleetLocks:
+        try:
+            conn = self.core.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            self.conn = conn
+            got = conn.scalar(text("SELECT pg_try_advisory_lock(CAST(:space AS integer), 0)"), {"space": GC_LOCK_SPACE})
+            if got:
+                conn.execute(text("SELECT set_config('application_name', :name, false)"),
+                             {"name": f"lorad gc on {self.node}"[:63]})  # fmt: skip
+            else:
+                self.holder = self._holder(conn)
+        except OperationalError as e:
+            self.__exit__(None, None, None)
+            raise DatabaseUnavailable(f"gc cannot take its lock ({e.orig or e}); try again later") from e
+        return self
+
+    @staticmethod
+    def _holder(conn: Connection) -> str:
+        name = conn.scalar(text(
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND l.granted AND l.classid = CAST(:space AS oid)"
+            " AND l.objid = 0 AND l.objsubid = 2"), {"space": GC_LOCK_SPACE})  # fmt: skip
+        prefix = "lorad gc on "
+        return name[len(prefix):] if isinstance(name, str) and name.startswith(prefix) else "another node"
+
+    def take(self, loras: set[int], blobs: set[str]) -> _Held:
+        assert self.conn is not None
+        query = text("SELECT k FROM unnest(CAST(:keys AS integer[])) AS k"
+                     " WHERE pg_try_advisory_lock(CAST(:space AS integer), k)")  # fmt: skip
+        held_loras = set(self.conn.scalars(query, {"keys": sorted(loras), "space": PUT_LOCK_SPACE}))
+        keys = {sha: blob_lock_key(sha) for sha in blobs}
+        held_keys = set(self.conn.scalars(query, {"keys": sorted(set(keys.values())), "space": BLOB_LOCK_SPACE}))
+        held_blobs = {sha for sha, key in keys.items() if key in held_keys}
+        if len(held_loras) < len(loras) or len(held_blobs) < len(blobs):
+            log.info("gc leaves what is in use to the next gc",
+                     loras=len(loras) - len(held_loras), blobs=len(blobs) - len(held_blobs))  # fmt: skip
+        return _Held(held_loras, held_blobs)
+
+    def give_back(self, held: _Held) -> None:
+        """Release the put and blob locks `take` got (the gc lock stays)."""
+        assert self.conn is not None
+        query = text("SELECT pg_advisory_unlock(CAST(:space AS integer), k) FROM unnest(CAST(:keys AS integer[])) AS k")
+        self.conn.execute(query, {"keys": sorted(held.loras or ()), "space": PUT_LOCK_SPACE})
+        keys = sorted({blob_lock_key(sha) for sha in held.blobs or ()})
+        self.conn.execute(query, {"keys": keys, "space": BLOB_LOCK_SPACE})
+
+    def __exit__(self, *_: object) -> None:
+        if self.conn is None:
+            return
+        conn, self.conn = self.conn, None
+        try:
+            conn.execute(text("SELECT pg_advisory_unlock_all()"))
+            conn.execute(text("RESET application_name"))
+        except SQLAlchemyError:
+            conn.invalidate()  # a lost connection: PostgreSQL has released its locks
+        finally:
+            conn.close()
+
+
+def _gc_plan(
+    core: Core, s: Session, keep: _KeepRule, cutoff: datetime, store_cutoff: float, held: _Held
+) -> tuple[GcPlan, set[int]]:
+    """The plan, and the LoRAs whose variants it forgets. `cutoff`: the database's time before
+    which a recorded row is old enough; `store_cutoff`: the store's, for unrecorded files."""
     doomed: list[int] = []
+    loras: set[int] = set()
     for row in repo.all_loras(s):
+        if held.loras is not None and row.id not in held.loras:
+            continue
         protected = {row.active_variant_id, row.original_variant_id}
         reduced = [v for v in repo.variants_of(s, row.id) if v.kind == "reduced"]
         reduced.sort(key=lambda v: (v.created_at, v.id), reverse=True)
-        doomed += [
-            v.id for v in reduced[keep.count(row.policy) :] if v.id not in protected and v.created_at < cutoff
-        ]
+        mine = [v.id for v in reduced[keep.count(row.policy) :] if v.id not in protected and v.created_at < cutoff]
+        doomed += mine
+        loras |= {row.id} if mine else set()
     still_used = repo.blobs_of_variants(s, excluding=doomed) | repo.live_job_blobs(s)  # a live tree's files too
     recorded = repo.all_blobs(s)
     # A tree that stays (inside its grace period, say) keeps its files, whatever names it.
     staying = {b.sha256 for b in recorded if b.kind == "tree" and (b.sha256 in still_used or b.created_at >= cutoff)}
     still_used |= repo.with_entries(s, staying)
-    blobs = tuple((b.sha256, _stored_size(core, b)) for b in recorded if b.sha256 not in still_used and b.created_at < cutoff)
+    mayhave = held.blobs
+    blobs = tuple((b.sha256, _stored_size(core, b)) for b in recorded if b.sha256 not in still_used
+                  and b.created_at < cutoff and (mayhave is None or b.sha256 in mayhave))  # fmt: skip
     known = {b.sha256 for b in recorded}
     stray = tuple(
         (sha, size)
         for sha in core.store.blobs()
-        if sha not in known | still_used and (size := _old_size(core, sha, cutoff)) is not None
+        if sha not in known | still_used and (mayhave is None or sha in mayhave)
+        and (size := _old_size(core, sha, store_cutoff)) is not None
     )
-    return GcPlan(tuple(doomed), blobs, stray)
+    return GcPlan(tuple(doomed), blobs, stray), loras
 
 
 def _stored_size(core: Core, blob: Blob) -> int:
@@ -306,12 +459,13 @@ def _stored_size(core: Core, blob: Blob) -> int:
         return 0
 
 
-def _old_size(core: Core, sha256: str, cutoff: datetime) -> int | None:
+def _old_size(core: Core, sha256: str, cutoff: float) -> int | None:
+    """An unrecorded file's size if it was last written at or before `cutoff` (the store's clock)."""
     try:
         st = core.store.path_of(sha256).stat()
     except FileNotFoundError:
         return None
-    return st.st_size if st.st_mtime < cutoff.timestamp() else None
+    return st.st_size if st.st_mtime <= cutoff else None
 
 
 def _gc_summary(plan: GcPlan) -> dict[str, Any]:

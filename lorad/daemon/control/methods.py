@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -49,19 +50,22 @@ class DaemonParts(Protocol):
     def enqueue_original(self, view: Any, policy: Policy, explicit: bool = False) -> tuple[JobView, bool]: ...
     def retry(self) -> list[int]: ...
     def collect(self, dry_run: bool, actor: str) -> Any: ...
+    def drain(self) -> dict[str, Any]: ...
+    def resume(self) -> dict[str, Any]: ...
 
 
 def build(daemon: DaemonParts) -> dict[str, Handler]:
     m = Methods(daemon)
     return {name: getattr(m, name) for name in (
         "hello", "status", "list", "show", "find", "report", "revert", "switch", "reduce",
-        "effect_files", "record_effect", "pause", "resume", "rescan", "verify", "gc",
+        "effect_files", "record_effect", "pause", "resume", "drain", "rescan", "verify", "gc",
     )}  # fmt: skip
 
 
 class Methods:
     def __init__(self, daemon: DaemonParts) -> None:
         self.d = daemon
+        self._last_read: dict[str, Any] = {}  # status's figures from the database, as last read
 
     # reading -----------------------------------------------------------------------------
 
@@ -71,8 +75,8 @@ class Methods:
 
     def status(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
         d = self.d
-        totals = d.library.totals()
-        counts = d.queue.counts()
+        recorded = self._recorded()
+        counts, totals = recorded["queue"], recorded["totals"]
         return {
             "version": __version__,
             "pid": os.getpid(),
@@ -80,37 +84,66 @@ class Methods:
             "device": d.device,
             "workers": len(d.workers),
             "paused": d.gate.paused,
+            "draining": d.gate.draining,
             "in_window": d.gate.in_window,
             "waiting": d.waiting(),
             "queue": counts,
             "queue_depth": counts["pending"] + counts["running"],
             "running": d.running_jobs(),
-            "loras": totals.loras,
-            "original_bytes": totals.original_bytes,
-            "active_bytes": totals.active_bytes,
-            "saved_bytes": totals.saved_bytes,
+            "loras": totals["loras"],
+            "original_bytes": totals["original_bytes"],
+            "active_bytes": totals["active_bytes"],
+            "saved_bytes": totals["saved_bytes"],
             "watch": [{"path": str(w.path), "policy": w.policy, "recursive": w.recursive} for w in d.config.watch],
             "watcher_alive": d.watcher.alive(),
             "reconciles": d.watcher.reconciles,
             "pending_files": len(d.watcher.settler.pending()),
             "refused_files": len(d.watcher.refused()),
             "ingesting": d.watcher.progress.now(),  # {"done", "total"} of the files scans found
-            "files_hashed": d.library.files_hashed,
+            "files_hashed": recorded["files_hashed"],
             "node": d.config.node,
             "store_dir": str(d.library.store.root),
             "store_id": d.library.store_id,
             # The fleet as the database has it: nodes, and which node watches each folder.
             "fleet": self._fleet(),
+            # Whether the database answers; while it does not, the figures above are the last read
+            # (`as_of`) and the fleet holds only an error.
+            "database": {**d.library.db.health.to_json(), "as_of": recorded["as_of"]},
         }
+
+    def _recorded(self) -> dict[str, Any]:
+        """The queue's counts, the library's totals and the files hashed: read now, or (the
+        database unreachable) as last read; status must answer without the database."""
+        d = self.d
+        if d.library.db.health.reachable or not self._last_read:
+            try:
+                totals = d.library.totals()
+                self._last_read = {
+                    "queue": d.queue.counts(),
+                    "totals": {"loras": totals.loras, "original_bytes": totals.original_bytes,
+                               "active_bytes": totals.active_bytes, "saved_bytes": totals.saved_bytes},
+                    "files_hashed": d.library.files_hashed,
+                    "as_of": datetime.now(timezone.utc).isoformat(),
+                }  # fmt: skip
+            except StoreError:  # (DatabaseUnavailable) what was last read, if anything
+                if not self._last_read:
+                    return {"queue": {"pending": 0, "running": 0, "done": 0, "failed": 0},
+                            "totals": {"loras": 0, "original_bytes": 0, "active_bytes": 0, "saved_bytes": 0},
+                            "files_hashed": 0, "as_of": None}  # fmt: skip
+        return self._last_read
 
     def _fleet(self) -> dict[str, Any] | None:
         fleet = getattr(self.d, "fleet", None)
         if fleet is None:
             return None
         try:
+            if not self.d.library.db.health.reachable:  # (not waited on: a status answers at once)
+                raise StoreError("the database cannot be reached")
             return fleet.view()  # type: ignore[no-any-return]
-        except StoreError as e:  # the database unavailable for now: status still answers
-            return {"error": str(e), "nodes": [], "folders": []}
+        except StoreError as e:  # the database unavailable for now: what this node knows
+            folders = [{"path": str(f), "node": None, "expires_in_s": None, "here": here}
+                       for f, here in fleet.holding().items()]  # fmt: skip
+            return {"error": str(e), "nodes": [], "folders": folders}
 
     def list(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
         """One page of the watched LoRAs, then of the paths lorad refused (lorad.library.listing):
@@ -245,8 +278,10 @@ class Methods:
         return {"paused": True, "running": self.d.running_jobs()}
 
     def resume(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
-        self.d.gate.set_paused(False)
-        return {"paused": False}
+        return self.d.resume()
+
+    def drain(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        return self.d.drain()
 
     def rescan(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
         before = self.d.watcher.reconciles
@@ -282,6 +317,7 @@ class Methods:
             "blobs": [{"sha256": sha, "bytes": n} for sha, n in plan.blobs],
             "stray": [{"sha256": sha, "bytes": n} for sha, n in plan.stray],
             "bytes_freed": plan.bytes_freed,
+            "skipped": plan.skipped,  # why nothing was collected (another node holds gc), or null
         }
 
     # helpers -----------------------------------------------------------------------------

@@ -134,7 +134,9 @@ METHODS: dict[str, MethodSpec] = dict(
             Param("reference", int), Param("effect", dict, required=True),
         ),  # fmt: skip
         _spec("pause", True, "stop starting new jobs"),
-        _spec("resume", True, "start jobs again"),
+        _spec("resume", True, "start jobs again; ends a pause and a drain"),
+        _spec("drain", True, "finish the running jobs, claim no more, give up this node's watched folders "
+              "(another node takes them), mark the node draining; `resume` ends it"),
         _spec("rescan", True, "reconcile every watched folder now"),
         _spec("verify", True, "re-hash the store and the watched files"),
         _spec("gc", True, "collect unreferenced reduced blobs", Param("dry_run", bool, default=True)),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, or_, select
@@ -100,6 +100,8 @@ def ensure_blob(s: Session, record: BlobRecord) -> Blob:
             s.add(blob)
             s.flush()
             return blob
+        # The database's clock, as gc's grace period is counted (nodes' clocks may differ).
+        blob.created_at = db_now(s)
         try:
             with s.begin_nested():  # another node may record the same bytes at the same instant
                 s.add(blob)
@@ -115,6 +117,15 @@ def ensure_blob(s: Session, record: BlobRecord) -> Blob:
     if blob.ranks is None and record.ranks is not None:
         blob.ranks = _ranks_column(record.ranks)
     return blob
+
+
+def db_now(s: Session) -> datetime:
+    """The database server's time now (PostgreSQL), or this machine's (SQLite serves one)."""
+    if s.get_bind().dialect.name == "sqlite":
+        return utcnow()
+    now = s.scalar(select(func.statement_timestamp()))
+    assert now is not None
+    return now if now.tzinfo else now.replace(tzinfo=UTC)
 
 
 def _ranks_column(ranks: tuple[int, ...] | None) -> list[int] | None:
