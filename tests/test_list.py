@@ -14,6 +14,7 @@ import pytest
 
 from lorad.daemon.control.client import Client
 from lorad.daemon.control.protocol import LIST_SORTS, LIST_STATES, Code, ControlError
+from lorad.cli.control import render_list
 from lorad.library import listing
 from tests._daemon_fixtures import Daemon, cli, cli_json, make_lora, wait_for, write_config
 
@@ -168,3 +169,32 @@ def test_list_reads_no_file(library: tuple[Path, Daemon]) -> None:
     finally:
         os.rename(objects.with_name("objects-away"), objects)
     assert all(v["ranks"] is not None and v["servers"] is not None for x in before for v in x["variants"])
+
+
+def test_the_table_shows_what_the_full_listing_says(library: tuple[Path, Daemon]) -> None:
+    """The table reads brief pages (each LoRA's sizes, active variant and count of variants, from
+    the page's own query); they say what the full listing's variants say, page by page."""
+    tmp, daemon = library
+    for args in ([], ["--state", "reduced"], ["--sort", "saved"], ["--folder", str(tmp / "kept")]):
+        full = listed(daemon, *args)
+        assert cli(daemon.config, "list", *args).stdout == render_list(full, len(full)) + "\n", args
+    with Client(tmp / "run" / "lorad.sock") as client:
+        after, seen = None, 0
+        while True:
+            brief = client.call("list", brief=True, limit=2, after=after)
+            whole = client.call("list", limit=2, after=after)
+            assert paths(brief["loras"]) == paths(whole["loras"]) and brief["next"] == whole["next"]
+            for b, w in zip(brief["loras"], whole["loras"], strict=True):
+                if w["id"] is None:  # a refused path lorad holds no LoRA for: the same entry
+                    assert b == w
+                    continue
+                active = next((v for v in w["variants"] if v["active"]), None)
+                assert b["active"] == (None if active is None else {k: active[k] for k in b["active"]})
+                assert (b["id"], b["kind"], b["state"], b["original_bytes"], b["active_bytes"], b["refused"]) == \
+                       (w["id"], w["kind"], w["state"], w["original_bytes"], w["active_bytes"], w["refused"])
+                assert b["variant_count"] == len(w["variants"])
+            seen += len(brief["loras"])
+            after = brief["next"]
+            if after is None:
+                break
+    assert seen == len(listed(daemon)) >= 6

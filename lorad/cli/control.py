@@ -148,6 +148,8 @@ def render_status(s: dict[str, Any]) -> str:
 
 
 def _active(lora: dict[str, Any]) -> dict[str, Any] | None:
+    if "variant_count" in lora:  # the brief form (`list` with brief): the active variant alone
+        return lora["active"]
     return next((v for v in lora["variants"] if v["active"]), None)
 
 
@@ -161,7 +163,7 @@ def render_list(loras: list[dict[str, Any]], total: int | None = None) -> str:
         rows.append([
             str(x["id"]), path, human_bytes(x["original_bytes"]), human_bytes(x["active_bytes"]),
             _variant_label(active) if active else "-", _effect(active) if active else "",
-            _servers(active) if active else "-", str(len(x["variants"])),
+            _servers(active) if active else "-", str(x["variant_count"] if "variant_count" in x else len(x["variants"])),
         ])  # fmt: skip
     header = ["ID", "PATH", "ORIGINAL", "NOW", "ACTIVE", "EFFECT", "SERVES", "VARIANTS"]
     if not any(row[5] for row in rows):  # no active variant measured: no empty column
@@ -356,7 +358,10 @@ def list_command(args: argparse.Namespace) -> int:
     if args.folder and args.folder_option and _abs(args.folder) != _abs(args.folder_option):
         raise LoradError("give the folder once (as FOLDER or --folder)")
     folder = args.folder or args.folder_option
-    params = {"folder": _abs(folder) if folder else None, "policy": args.policy, "state": args.state, "sort": args.sort}
+    # The table asks for the brief form (what it shows, read in the page's own query); --json for
+    # every variant of every LoRA.
+    params = {"folder": _abs(folder) if folder else None, "policy": args.policy, "state": args.state, "sort": args.sort,
+              "brief": not args.json}  # fmt: skip
     loras: list[dict[str, Any]] = []
     with Client(socket_path(args)) as client:
         after, total = None, 0

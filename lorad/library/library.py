@@ -195,9 +195,21 @@ class Library:
         return views
 
     def list_page(self, refused: Sequence[listing.Refused] = (), **query: Any) -> listing.Page:
-        """One page of `lorad list` (lorad.library.listing.page), read from the records alone."""
+        """One page of `lorad list` (lorad.library.listing.page), read from the records alone (but
+        the headers of active blobs stored before lorad recorded ranks, read once, as views do)."""
         with self.db.read() as s:
-            return listing.page(s, refused, **query)
+            page = listing.page(s, refused, **query)
+        unknown = [e.id for e in page.entries if e.brief and e.brief.active_id is not None and e.brief.active_ranks is None]
+        if not unknown:
+            return page
+        views = {v.id: v for v in self.loras(unknown)}
+        entries = []
+        for e in page.entries:
+            active = views[e.id].active if e.id in views else None
+            if e.brief and active is not None and e.brief.active_ranks is None:
+                e = replace(e, brief=replace(e.brief, active_ranks=active.ranks))
+            entries.append(e)
+        return replace(page, entries=tuple(entries))
 
     def totals(self) -> listing.Totals:
         """How many LoRAs, the bytes of their originals and of what their paths hold now."""

@@ -70,11 +70,11 @@ class VariantView:
     @property
     def servers(self) -> tuple[str, ...] | None:
         """The serving hosts whose rank rules it meets as it is (lorad.engine.reduce.rank_rules)."""
-        return None if self.ranks is None else _servers_for(self.ranks)
+        return None if self.ranks is None else servers_for(self.ranks)
 
 
 @functools.lru_cache(maxsize=1024)
-def _servers_for(ranks: tuple[int, ...]) -> tuple[str, ...]:
+def servers_for(ranks: tuple[int, ...]) -> tuple[str, ...]:
     """Memoised: a library of thousands has a handful of rank patterns, and `list` asks of each."""
     return tuple(servers_met(ranks))
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from lorad import __version__
 from lorad.daemon.control.protocol import INT_MAX, LIST_PAGE, VERSION, Code, ControlError
 from lorad.daemon.control.server import Handler, Peer
-from lorad.daemon.control.views import effect_json, find_json, lora_json, refused_path_json
+from lorad.daemon.control.views import brief_json, effect_json, find_json, lora_json, refused_path_json
 from lorad.engine.formats.safetensors_file import is_complete
 from lorad.errors import StoreError
 from lorad.library import effects, listing
@@ -148,7 +148,8 @@ class Methods:
     def list(self, params: dict[str, Any], peer: Peer) -> dict[str, Any]:
         """One page of the watched LoRAs, then of the paths lorad refused (lorad.library.listing):
         {"loras", "total" (on the first page; null after), "next" (the cursor to pass as `after`;
-        null on the last page)}."""
+        null on the last page)}. `brief`: each LoRA as the table shows it (views.brief_json), read
+        in the page's own query, instead of with all its variants."""
         folder = params.get("folder")
         limit = LIST_PAGE if params.get("limit") is None else params["limit"]
         if limit < 1:
@@ -159,9 +160,14 @@ class Methods:
             page = self.d.library.list_page(
                 refused, folder=str(self.d.watched(folder)) if folder else None, policy=params.get("policy"),
                 state=params.get("state"), sort=params["sort"], after=params.get("after"), limit=min(limit, LIST_PAGE),
+                brief=params["brief"],
             )  # fmt: skip
         except ValueError as e:
             raise ControlError(Code.BAD_PARAMS, f"list: {e}") from None
+        if params["brief"]:
+            loras = [brief_json(e.path, e.id, e.state, e.brief) if e.brief is not None
+                     else {**self._refused_json(refusals[e.path]), "state": e.state} for e in page.entries]  # fmt: skip
+            return {"loras": loras, "total": page.total, "next": page.next}
         views = {v.id: v for v in self.d.library.loras([e.id for e in page.entries if e.id is not None])}
         loras = []
         for entry in page.entries:

@@ -101,9 +101,11 @@ METHODS: dict[str, MethodSpec] = dict(
         _spec(
             "list", False, f"watched LoRAs and their variants, a page of at most {LIST_PAGE} at a time: "
             "folder, policy, state (original|reduced|refused) filter, sort is name|saved|size|date, "
-            "after is the `next` of the page before",
+            "after is the `next` of the page before; brief: each LoRA as the table shows it (sizes, the active "
+            "variant, how many variants) instead of with all its variants",
             Param("folder", str, path=True), Param("policy", str), Param("state", str, choices=LIST_STATES),
             Param("sort", str, default="name", choices=LIST_SORTS), Param("after", str), Param("limit", int),
+            Param("brief", bool, default=False),
         ),  # fmt: skip
         _spec("show", False, "one LoRA by path or id", Param("target", (str, int), required=True, path=True)),
         _spec("find", False, "the LoRAs and variants a hash names (sha256 or a prefix, AutoV2, AutoV3, "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lorad.library.records import servers_for
+
 
 def variant_json(v: Any, active_id: int | None) -> dict[str, Any]:
     return {
@@ -31,6 +33,25 @@ def variant_json(v: Any, active_id: int | None) -> dict[str, Any]:
         "effect_retained_min": v.effect.effect_retained_min if v.effect else None,
         "effect": effect_json(v.effect) if v.effect else None,
     }
+
+
+def brief_json(path: str, lora_id: int, state: str, b: Any) -> dict[str, Any]:
+    """A LoRA as `lorad list`'s table shows it (lorad.library.listing.Brief): its sizes, its active
+    variant and how many variants it has, without the variants themselves."""
+    active = None
+    if b.active_id is not None:
+        active = {
+            "id": b.active_id, "kind": b.active_kind, "method": b.active_method, "param": b.active_param,
+            "servers": None if b.active_ranks is None else list(servers_for(tuple(b.active_ranks))),
+            "effect_retained": b.effect[0] if b.effect else None,
+            "effect_retained_min": b.effect[1] if b.effect else None,
+        }  # fmt: skip
+    refused = None
+    if b.refusal is not None:
+        cause, reason, since, last = b.refusal
+        refused = {"cause": cause, "reason": reason, "since": since.isoformat(), "last_seen": last.isoformat()}
+    return {"id": lora_id, "kind": b.kind, "path": path, "state": state, "original_bytes": b.original_bytes,
+            "active_bytes": b.active_bytes, "variant_count": b.variants, "active": active, "refused": refused}  # fmt: skip
 
 
 def effect_json(e: Any, full: bool = False) -> dict[str, Any]:
