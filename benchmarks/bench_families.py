@@ -6,7 +6,7 @@
 For each family (files from make_family_loras.py, written to benchmarks/out/ when missing):
 1. Times `lorad reduce FILE -o OUT --method fro --param 0.9 --max-rank R --json` (the installed CLI)
    in a fresh child per run; wall time is child start to exit (interpreter and imports included),
-   peak RSS is the child's own ru_maxrss from os.wait4. The median of --runs runs is printed.
+   peak RSS is the child's own ru_maxrss (started from _spawn.py). The median of --runs runs is printed.
 2. Times _kohya_reference.py (dense W, torch.svd_lowrank niter 2 where both dims > 2048, full SVD
    otherwise, sv_fro with the same param, --new_rank R, --save_precision = the input's dtype) once,
    the same way.
@@ -45,6 +45,7 @@ import torch
 from safetensors import safe_open
 
 HERE = Path(__file__).resolve().parent
+SPAWN = HERE / "_spawn.py"  # starts each measured command from a small process (its own peak RSS)
 sys.path.insert(0, str(HERE))
 from make_family_loras import FAMILIES, Family, path_for
 
@@ -76,18 +77,19 @@ def measure(cmd: list[str]) -> Run:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.NamedTemporaryFile("r") as usage:  # fmt: skip
         started = time.perf_counter()
-        child = subprocess.Popen(cmd, stdout=out, stderr=err)
-        _, status, usage = os.wait4(child.pid, 0)
+        # started from a fresh small process (_spawn.py): its peak RSS, not this benchmark's
+        code = subprocess.run([sys.executable, str(SPAWN), usage.name, *cmd], stdout=out, stderr=err).returncode
         wall = time.perf_counter() - started
         done.set()
-        code = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
         stdout, stderr = out.read(), err.read()
+        maxrss_kib, cpu = usage.read().split()
     if code != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({code}):\n{stderr[-4000:]}")
-    return Run(wall, usage.ru_maxrss * 1024, stdout, max(loads), usage.ru_utime + usage.ru_stime)
+    return Run(wall, int(maxrss_kib) * 1024, stdout, max(loads), float(cpu))
 
 
 def lorad_command() -> list[str]:

@@ -4,7 +4,7 @@
 
 1. Writes benchmarks/out/sdxl_r128.safetensors (make_sdxl_lora.py) if it is missing.
 2. Times `lorad reduce FILE --method fro --param 0.9 --max-rank 64 --json -o OUT` in a fresh child
-   process per run and reads that child's own peak RSS (os.wait4), median over --repeat runs.
+   process per run (started from _spawn.py) and reads that child's own peak RSS, median over --repeat runs.
 3. Times _full_svd_baseline.py (dense dW, torch.linalg.svd, same rule) the same way, once.
 4. Prints wall time, peak RSS, the speed ratio, lorad's output size and mean fro retained, and how
    many modules the two chose different ranks for. Targets: < 20 s, < 1.5 GB, >= 30x.
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+SPAWN = HERE / "_spawn.py"  # starts each measured command from a small process (its own peak RSS)
 OUT = HERE / "out"
 DEFAULT_INPUT = OUT / "sdxl_r128.safetensors"
 TARGET_SECONDS, TARGET_RSS_GB, TARGET_SPEEDUP = 20.0, 1.5, 30.0
@@ -38,17 +39,19 @@ class Run:
 
 def measure(cmd: list[str]) -> Run:
     """Run `cmd` as a fresh child; wall time and that child's peak RSS from wait4's rusage."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.NamedTemporaryFile("r") as usage:  # fmt: skip
         started = time.perf_counter()
-        child = subprocess.Popen(cmd, stdout=out, stderr=err)  # files, not pipes: no deadlock on big JSON
-        _, status, usage = os.wait4(child.pid, 0)
+        # files, not pipes: no deadlock on big JSON; started from a fresh small process (_spawn.py),
+        # so the peak RSS is the command's own, not this benchmark's
+        code = subprocess.run([sys.executable, str(SPAWN), usage.name, *cmd], stdout=out, stderr=err).returncode
         wall = time.perf_counter() - started
-        child.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
         stdout, stderr = out.read(), err.read()
-    if child.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({child.returncode}):\n{stderr[-4000:]}")
-    return Run(wall, usage.ru_maxrss * 1024, stdout)  # ru_maxrss is in KiB on Linux
+        maxrss_kib = int(usage.read().split()[0])  # ru_maxrss is in KiB on Linux
+    if code != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({code}):\n{stderr[-4000:]}")
+    return Run(wall, maxrss_kib * 1024, stdout)
 
 
 def ensure_input(path: Path, limit: int | None) -> None:
