@@ -35,20 +35,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._wait import wait_until  # noqa: E402
+
 import sqlalchemy as sa  # noqa: E402
 
 from tests import _pg  # noqa: E402
 from tests._daemon_fixtures import Daemon, lorad_env, make_lora, write_config  # noqa: E402
 
-
-def wait_until(condition, timeout: float, every: float = 0.2, what: str = ""):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise SystemExit(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def node(home: Path, name: str, folder: Path, store: Path, url: str, settle: float, lease: float) -> Daemon:

@@ -32,6 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._wait import wait_until  # noqa: E402
+
 from lorad.daemon.control.client import Client, DaemonNotRunning  # noqa: E402
 from tests._daemon_fixtures import lorad_env, make_lora, write_config  # noqa: E402
 from tests._proc import children  # noqa: E402
@@ -69,15 +71,6 @@ class TreeSampler(threading.Thread):
         while not self.stop.wait(0.25):
             self.peak = max(self.peak, tree_rss_mib(self.pid))
 
-
-def wait_until(condition, timeout: float, every: float = 0.2):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise SystemExit(f"timed out after {timeout:.0f}s")
 
 
 def status(sock: Path) -> dict | None:

@@ -36,6 +36,8 @@ from safetensors.numpy import save
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._wait import wait_until  # noqa: E402
+
 from lorad.daemon.control.client import Client, DaemonNotRunning  # noqa: E402
 from tests._daemon_fixtures import lorad_env  # noqa: E402
 
@@ -103,15 +105,6 @@ def status(sock: Path) -> dict | None:
     except (DaemonNotRunning, OSError):
         return None
 
-
-def wait_until(condition, timeout: float, every: float = 0.2):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(every)
-    raise SystemExit(f"timed out after {timeout:.0f}s")
 
 
 def start_daemon(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
