@@ -9,6 +9,7 @@ Import the fixtures into a test module: `from tests._pg import pg_server, pg_url
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import os
@@ -146,19 +147,27 @@ def _kill_postmaster(data: Path) -> None:
         pass
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
+@contextlib.contextmanager
+def _cluster() -> Iterator[tuple[Path, Path, dict[str, object]]]:
+    """A new cluster in a private folder, started: (bin_dir, its folder, the user it runs as);
+    stopped and removed afterwards."""
     bin_dir = find_bin_dir()
     as_user = _server_user()
     base = _private_dir(as_user)
     try:
         _start(bin_dir, base, as_user)
         try:
-            yield PgServer(base, PORT)
+            yield bin_dir, base, as_user
         finally:
             _stop(bin_dir, base, as_user)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    with _cluster() as (_bin_dir, base, _as_user):
+        yield PgServer(base, PORT)
 
 
 @dataclass(frozen=True)
@@ -189,17 +198,8 @@ class OwnPgServer(PgServer):
 @pytest.fixture
 def pg_own_server() -> Iterator[OwnPgServer]:
     """A private server for one test, which it may stop and start (not the session's shared one)."""
-    bin_dir = find_bin_dir()
-    as_user = _server_user()
-    base = _private_dir(as_user)
-    try:
-        _start(bin_dir, base, as_user)
-        try:
-            yield OwnPgServer(base, PORT, bin_dir, as_user)
-        finally:
-            _stop(bin_dir, base, as_user)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with _cluster() as (bin_dir, base, as_user):
+        yield OwnPgServer(base, PORT, bin_dir, as_user)
 
 
 _database_numbers = itertools.count(1)

@@ -22,7 +22,7 @@ from sqlalchemy import Text, and_, case, func, or_, select, type_coerce
 from sqlalchemy.orm import Session, aliased
 
 from lorad.library.db.models import Blob, Lora, Refusal, Variant
-from lorad.library.records import latest_effects
+from lorad.library.records import blob_ranks, latest_effects
 from lorad.pathtext import escaped_column, to_column
 
 STATES = ("original", "reduced", "refused")
@@ -108,8 +108,10 @@ def _join() -> _Joined:
              .outerjoin(original_blob, original_blob.sha256 == original.blob_sha256)
              .outerjoin(Refusal, Refusal.path == Lora.path))  # fmt: skip
     variants = select(func.count(Variant.id)).where(Variant.lora_id == Lora.id).scalar_subquery()
+    # ranks as text, as records reads them: a library has few distinct ones, each parsed once
     brief = (Lora.kind, original_blob.bytes, active_blob.bytes, active.id, active.kind, active.method, active.param,
-             active_blob.ranks, variants, Refusal.cause, Refusal.reason, Refusal.first_seen, Refusal.last_seen)  # fmt: skip
+             type_coerce(active_blob.ranks, Text), variants, Refusal.cause, Refusal.reason, Refusal.first_seen,
+             Refusal.last_seen)  # fmt: skip
     return _Joined(query, active.kind, original_blob.bytes, active_blob.bytes, Refusal.id, brief)
 
 
@@ -193,14 +195,7 @@ def _with_effects(s: Session, entries: list[Entry]) -> list[Entry]:
 def _brief(columns: Sequence[Any]) -> Brief:
     *head, ranks, variants, cause, reason, first_seen, last_seen = columns
     refusal = (cause, reason, first_seen, last_seen) if first_seen is not None else None
-    return Brief(*head, active_ranks=_ranks(ranks), variants=variants, refusal=refusal)
-
-
-def _ranks(stored: Any) -> tuple[int, ...] | None:
-    """Blob.ranks as the driver gives it: JSON text from SQLite, a list from psycopg."""
-    if stored is None:
-        return None
-    return tuple(json.loads(stored)) if isinstance(stored, str) else tuple(stored)
+    return Brief(*head, active_ranks=blob_ranks(ranks), variants=variants, refusal=refusal)
 
 
 def _refused_paths(refused: Sequence[Refused], folder: str | None, policy: str | None, state: str | None) -> list[str]:

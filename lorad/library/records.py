@@ -289,7 +289,7 @@ _ID, _KIND, _BLOB, _SOURCE, _RANKS = (_FIELDS.index(n) for n in ("id", "kind", "
 def _column(name: str) -> Any:
     if name == "bytes":
         return func.coalesce(Blob.bytes, 0)
-    if name == "ranks":  # as stored: a library has few distinct ones, each parsed once (_blob_ranks)
+    if name == "ranks":  # as stored: a library has few distinct ones, each parsed once (blob_ranks)
         return type_coerce(Blob.ranks, Text)
     return getattr(Variant, name)
 
@@ -299,7 +299,7 @@ def _parsed_ranks(text: str) -> tuple[int, ...]:
     return tuple(json.loads(text))
 
 
-def _blob_ranks(stored: Any) -> tuple[int, ...] | None:
+def blob_ranks(stored: Any) -> tuple[int, ...] | None:
     """Blob.ranks as read past its JSON type: text from SQLite, a list where the driver decodes
     JSON itself (psycopg)."""
     if stored is None:
@@ -330,13 +330,13 @@ def _needs_metrics(v: list[Any], rows: list[list[Any]]) -> bool:
 
 def _ranks(v: list[Any], rows: list[list[Any]], metrics: dict[int, tuple[list[int], list[int]]]) -> tuple[int, ...] | None:
     if v[_RANKS] is not None:  # recorded for its blob when stored (from its header): no metric needed
-        return _blob_ranks(v[_RANKS])
+        return blob_ranks(v[_RANKS])
     if v[_KIND] == "reduced":
         return tuple(r for r in metrics[v[_ID]][1] if r > 0) if v[_ID] in metrics else None
     for child in rows:
         if child[_SOURCE] == v[_ID] and child[_KIND] == "reduced" and child[_ID] in metrics:
             return tuple(r for r in metrics[child[_ID]][0] if r > 0)
-    return _blob_ranks(v[_RANKS])
+    return blob_ranks(v[_RANKS])
 
 
 _EFFECT_COLUMNS = (VariantEffect.variant_id, VariantEffect.reference_variant_id, VariantEffect.kind,
