@@ -11,12 +11,12 @@ the lease when it is free or expired, or renews its own, in ONE statement:
 (after an INSERT ... ON CONFLICT DO NOTHING for a folder that has no row yet). PostgreSQL
 re-checks the WHERE of a row another transaction changed meanwhile, so of two nodes racing for an
 expired lease one updates a row and the other none: two nodes never both win. Times are the
-database's clock (PostgreSQL's now(); on SQLite, where one node always wins, this machine's), so
-nodes' clocks may differ.
+database's clock (PostgreSQL's statement time, repo.db_now; on SQLite, where one node always
+wins, this machine's), so nodes' clocks may differ.
 
 A node may act on a folder only while it can show the lease: until `lease_seconds` (less a margin)
 after the start of its last successful renewal, measured on its own monotonic clock. The database's
-expiry is later than that (now() is taken after that start), so another node can take the folder
+expiry is later than that (the database's time is taken after that start), so another node can take the folder
 only once this one has stopped. A renewal that finds another node there, or none that succeeds
 before that deadline (the database is unreachable, the process stalled), stops the watching at once
 (lorad.daemon.watch.Watcher.lead). A clean shutdown deletes the node's leases and its row, so
@@ -37,10 +37,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from lorad.library.db.models import FolderLease, Node, utcnow
+from lorad.library.db import repo
+from lorad.library.db.models import FolderLease, Node
 from lorad.library.db.session import Database
 from lorad.log import get_logger
 
@@ -184,7 +185,7 @@ class Fleet:
 
     def _renew(self) -> dict[Path, bool]:
         with self.db.write() as s:
-            now = self._db_now(s)
+            now = repo.db_now(s)
             if self._started_at is None:
                 self._started_at = now
             self._upsert_node(s, now)
@@ -221,14 +222,6 @@ class Fleet:
         result = s.execute(insert(model).values(**values).on_conflict_do_nothing())
         return result.rowcount == 1  # type: ignore[attr-defined]
 
-    def _db_now(self, s: Session) -> datetime:
-        """The database's clock (one clock for every node); SQLite's is this machine's."""
-        if self.db.is_sqlite:
-            return utcnow()
-        now = s.scalar(select(func.now()))
-        assert isinstance(now, datetime)
-        return now
-
     # reading -----------------------------------------------------------------------------
 
     def holding(self) -> dict[Path, bool]:
@@ -240,7 +233,7 @@ class Fleet:
     def view(self) -> dict[str, Any]:
         """The fleet as the database has it (`lorad status`): the nodes, each folder's watcher."""
         with self.db.read() as s:
-            now = self._db_now(s)
+            now = repo.db_now(s)
             nodes = s.scalars(select(Node).order_by(Node.name)).all()
             leases = {row.folder: row for row in s.scalars(select(FolderLease)).all()}
         folders = []

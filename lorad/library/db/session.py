@@ -172,8 +172,7 @@ def unreachable(url: str, error: BaseException) -> DatabaseUnreachable:
     if isinstance(error, ImportError):
         cause = f"a module it needs is not installed ({error}); for PostgreSQL: pip install 'lorad[postgres]'"
     else:
-        text = str(getattr(error, "orig", None) or error)
-        cause = "; ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
+        cause = _one_line(error)
     try:
         password = make_url(url).password
     except Exception:  # noqa: BLE001
