@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,17 +21,10 @@ import pytest
 from lorad.daemon.control.client import Client
 from lorad.daemon.control.protocol import METHODS, Code, ControlError, encode_request
 from lorad.daemon.control.server import Authorizer, ControlServer
-from tests._daemon_fixtures import REPO, Daemon, cli_here, cli_json, lorad_env, make_lora, wait_for, write_config
+from tests._daemon_fixtures import REPO, Daemon, cli_here, cli_json, lorad_env, make_lora, wait_for
+from tests._effect_rig import reduced, sd_daemon, socket_of, variant_of
 from tests.test_control import call_as, outsider, sockdir  # noqa: F401 (sockdir: a fixture)
 
-SD_WATCH = "  - path: {folder}\n    policy: lenient\n"
-LENIENT = """\
-  lenient:
-    method: rank
-    param: 2
-    min_saving: 0.1
-    activate: auto
-"""
 BASE_SHA = "ab" * 32
 
 
@@ -55,33 +47,13 @@ def effect_doc(per_sample: list[float], base: str = "/models/sd15", base_sha256:
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Daemon]]:
     tmp = tmp_path_factory.mktemp("effect_records")
-    config = write_config(tmp, watch_extra=SD_WATCH.format(folder=tmp / "sd"), extra_policies=LENIENT)
-    (tmp / "sd").mkdir()
-    daemon = Daemon(config, tmp / "daemon.log").start()
-    yield tmp, daemon
-    daemon.stop(signal.SIGTERM)
-
-
-def socket_of(tmp: Path) -> Path:
-    return tmp / "run" / "lorad.sock"
+    with sd_daemon(tmp) as daemon:
+        yield tmp, daemon
 
 
 def call(tmp: Path, method: str, **params: Any) -> Any:
     with Client(socket_of(tmp)) as client:
         return client.call(method, **params)
-
-
-def reduced(config: Path, path: Path, active: bool = True) -> dict[str, Any] | None:
-    """The `list --json` entry of `path` once it has a reduced variant (active, when asked)."""
-    entry = next((x for x in cli_json(config, "list") if x["path"] == str(path)), None)
-    if entry is None:
-        return None
-    variants = [v for v in entry["variants"] if v["kind"] == "reduced" and (v["active"] or not active)]
-    return entry if variants else None
-
-
-def variant_of(entry: dict[str, Any], kind: str) -> dict[str, Any]:
-    return next(v for v in entry["variants"] if v["kind"] == kind)
 
 
 @pytest.fixture(scope="module")

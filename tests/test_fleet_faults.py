@@ -4,17 +4,19 @@ daemons. Every wait polls `lorad status` or the records; nothing sleeps a fixed 
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from structlog.testing import capture_logs
 
 from lorad.daemon.queue import Queue
 from lorad.library.db import migrate
-from lorad.library.db.session import Database, DatabaseLost, Health
+from lorad.library.db.session import Database, DatabaseLost, Health, unreachable
 from tests._daemon_fixtures import Daemon, cli_here, cli_json, make_lora, wait_for
 from tests._pg import OwnPgServer, pg_own_server, pg_server, pg_url  # noqa: F401  (fixtures)
 from tests.test_fleet import _node, _reduced_everywhere, _status, _watcher
@@ -75,6 +77,25 @@ def test_a_lost_database_is_said_once_each_way_and_a_stale_answer_changes_nothin
     said = [(e["event"], e.get("database")) for e in logs if e["event"].startswith("database")]
     assert said == [("database unreachable, retrying", "postgresql+psycopg://lorad:***@db/lorad"),
                     ("database reachable again", "postgresql+psycopg://lorad:***@db/lorad")]  # fmt: skip
+
+
+def test_the_outage_line_hides_a_password_that_the_driver_s_message_quotes():
+    """A driver's message may quote the connection details it was given (libpq quotes a URI it
+    cannot parse): the outage line and `lorad status` hide the password in it, as the start-up
+    refusal does."""
+    password = "s3cret-of-the-fleet"
+    url = f"postgresql+psycopg://lorad:{password}@db/lorad"
+    with pytest.raises(psycopg.Error) as driver:
+        psycopg.connect(f"postgresql://lorad:{password}@[db/lorad")
+    assert password in str(driver.value)  # the driver's own words
+    health = Health(url)
+    with capture_logs() as logs:
+        health.lost(driver.value, began=time.monotonic())
+    [line] = [e for e in logs if e["event"] == "database unreachable, retrying"]
+    assert "IPv6 host address in URI" in line["error"] and "postgresql://lorad:***@[db/lorad" in line["error"]
+    assert password not in json.dumps(logs) and password not in json.dumps(health.to_json())
+    assert health.to_json()["error"] == line["error"]
+    assert password not in str(unreachable(url, driver.value))
 
 
 def test_a_stopped_server_is_database_lost_and_its_return_is_noticed(pg_own_server: OwnPgServer):

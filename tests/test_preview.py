@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -32,8 +31,8 @@ from lorad.engine.engine import ReduceSettings, reduce_file
 from lorad.report.preview import preview_section
 from tests import _tiny_models as tm
 from tests._browser import chromium, console_errors, missing
-from tests._daemon_fixtures import REPO, Daemon, lorad_env, wait_for, write_config
-from tests.test_effect_records import LENIENT, SD_WATCH, reduced, socket_of, variant_of
+from tests._daemon_fixtures import REPO, Daemon, lorad_env, wait_for
+from tests._effect_rig import reduced, sd_daemon, socket_of, variant_of
 
 FAST = {"steps": 4}  # the tests that need no particular schedule render 4 steps
 
@@ -172,11 +171,8 @@ def test_two_files_write_a_page_whose_pictures_decode_in_chromium(sd, capsys):
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Daemon]]:
     tmp = tmp_path_factory.mktemp("preview_daemon")
-    config = write_config(tmp, watch_extra=SD_WATCH.format(folder=tmp / "sd"), extra_policies=LENIENT)
-    (tmp / "sd").mkdir()
-    daemon = Daemon(config, tmp / "daemon.log").start()
-    yield tmp, daemon
-    daemon.stop(signal.SIGTERM)
+    with sd_daemon(tmp) as daemon:
+        yield tmp, daemon
 
 
 def test_the_daemon_form_writes_the_lora_s_report_with_the_preview(sd, rig):

@@ -16,7 +16,6 @@ import hashlib
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,7 +27,8 @@ import pytest
 
 from lorad.daemon.config import ConfigError, Policy, QualityCheck, parse_config
 from lorad.daemon.decision import decide
-from tests._daemon_fixtures import REPO, Daemon, cli_here, cli_json, lorad_env, make_lora, show_if_known, wait_for, write_config
+from tests._daemon_fixtures import REPO, cli_here, cli_json, lorad_env, make_lora, show_if_known, wait_for, write_config
+from tests._effect_rig import running_daemon
 
 GATED = """\
   strict:
@@ -70,11 +70,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     lora = tm.write_kohya_lora(tm.trained_pipeline(), tmp / "tiny.safetensors")
     for name in ("strict", "lenient", "llm"):
         (tmp / name).mkdir()
-    config = write_config(tmp, watch_extra=WATCH.format(tmp=tmp),
-                          extra_policies=GATED.format(sd=tmp / "sd15", llama=tmp / "llama"))  # fmt: skip
-    daemon = Daemon(config, tmp / "daemon.log").start()
-    yield SimpleNamespace(tmp=tmp, daemon=daemon, config=config, lora=lora, sm=sm)
-    daemon.stop(signal.SIGTERM)
+    with running_daemon(tmp, watch_extra=WATCH.format(tmp=tmp),
+                        extra_policies=GATED.format(sd=tmp / "sd15", llama=tmp / "llama")) as daemon:  # fmt: skip
+        yield SimpleNamespace(tmp=tmp, daemon=daemon, config=daemon.config, lora=lora, sm=sm)
 
 
 def decided(config: Path, path: Path) -> dict[str, Any] | None:

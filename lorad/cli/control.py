@@ -91,9 +91,15 @@ def _printable(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _abs(path: str | Path) -> str:
+def absolute_path(path: str | Path) -> str:
     """Paths go to the daemon absolute: it does not share our working directory."""
     return os.path.abspath(os.path.expanduser(str(path)))
+
+
+def target_of(text: str) -> int | str:
+    """A LoRA's id, or its path made absolute (the daemon's form of a target). Only ASCII digits
+    are an id: int() would take other scripts' digits too, and such a name is a file's."""
+    return int(text) if text.isascii() and text.isdigit() else absolute_path(text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,13 +361,13 @@ def status_command(args: argparse.Namespace) -> int:
 def list_command(args: argparse.Namespace) -> int:
     """The daemon answers a page at a time; the pages are joined here into one table or one JSON
     document."""
-    if args.folder and args.folder_option and _abs(args.folder) != _abs(args.folder_option):
+    if args.folder and args.folder_option and absolute_path(args.folder) != absolute_path(args.folder_option):
         raise LoradError("give the folder once (as FOLDER or --folder)")
     folder = args.folder or args.folder_option
     # The table asks for the brief form (what it shows, read in the page's own query); --json for
     # every variant of every LoRA.
-    params = {"folder": _abs(folder) if folder else None, "policy": args.policy, "state": args.state, "sort": args.sort,
-              "brief": not args.json}  # fmt: skip
+    params = {"folder": absolute_path(folder) if folder else None, "policy": args.policy, "state": args.state,
+              "sort": args.sort, "brief": not args.json}  # fmt: skip
     loras: list[dict[str, Any]] = []
     with Client(socket_path(args)) as client:
         after, total = None, 0
@@ -378,8 +384,7 @@ def list_command(args: argparse.Namespace) -> int:
 
 
 def show_command(args: argparse.Namespace) -> int:
-    target: int | str = int(args.target) if args.target.isdigit() else _abs(args.target)
-    return emit(args, call(args, "show", target=target), render_show)
+    return emit(args, call(args, "show", target=target_of(args.target)), render_show)
 
 
 def find_command(args: argparse.Namespace) -> int:
@@ -389,15 +394,15 @@ def find_command(args: argparse.Namespace) -> int:
 
 
 def revert_command(args: argparse.Namespace) -> int:
-    return emit(args, call(args, "revert", path=_abs(args.path)), render_switched)
+    return emit(args, call(args, "revert", path=absolute_path(args.path)), render_switched)
 
 
 def switch_command(args: argparse.Namespace) -> int:
-    return emit(args, call(args, "switch", path=_abs(args.path), variant=args.variant), render_switched)
+    return emit(args, call(args, "switch", path=absolute_path(args.path), variant=args.variant), render_switched)
 
 
 def _enqueue(args: argparse.Namespace) -> int:
-    result = call(args, "reduce", path=_abs(args.path), policy=getattr(args, "policy", None))
+    result = call(args, "reduce", path=absolute_path(args.path), policy=getattr(args, "policy", None))
     return emit(args, result, render_enqueued)
 
 

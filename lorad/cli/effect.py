@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from lorad.cli._compare_options import add_daemon_form, add_device, add_inputs
+from lorad.cli.control import socket_path, target_of
 from lorad.errors import LoradError
 
 # lorad.engine.effect's runners (torch, diffusers, transformers) load inside the command, so
@@ -24,21 +26,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         ": effect = output(base + LoRA) - output(base) on a fixed set of samples (the denoiser's output "
         "for a diffusers pipeline, next-token logits for a causal LM with PEFT adapter folders); "
         "effect_retained = 1 - ||effect_other - effect_original|| / ||effect_original||"))  # fmt: skip
-    p.add_argument("input", nargs="+", metavar="INPUT",
-                   help="ORIGINAL OTHER: two LoRA .safetensors files (or PEFT adapter folders for a causal LM), "
-                        "measured without the daemon; or one PATH|ID: a LoRA the daemon holds, its variant "
-                        "measured here and recorded with it")
-    p.add_argument("--base", type=Path, metavar="MODEL",
-                   help="the base model: a diffusers pipeline folder, a single-file .safetensors checkpoint "
-                        "(with --config), or a transformers causal-LM folder")
-    p.add_argument("--config", type=Path, metavar="FOLDER",
-                   help="for a single-file checkpoint: a local diffusers config folder (model_index.json)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when torch sees one)")
+    add_inputs(p, "ORIGINAL OTHER: two LoRA .safetensors files (or PEFT adapter folders for a causal LM), "
+                  "measured without the daemon; or one PATH|ID: a LoRA the daemon holds, its variant measured "
+                  "here and recorded with it",
+               "the base model: a diffusers pipeline folder, a single-file .safetensors checkpoint (with "
+               "--config), or a transformers causal-LM folder")  # fmt: skip
+    add_device(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--variant", type=int, metavar="N",
-                   help="PATH|ID form: the variant to measure (default: the active one, else the newest reduction)")
-    p.add_argument("--socket", type=Path,
-                   help="PATH|ID form: the daemon's socket (default: $LORAD_SOCKET, then the default path)")
+    add_daemon_form(p, "measure")
     p.set_defaults(func=_effect)
 
 
@@ -106,19 +101,11 @@ def _daemon_effect(args: argparse.Namespace) -> int:
     return 0
 
 
-def target_of(text: str) -> int | str:
-    """A LoRA's id, or its path made absolute (the daemon's form of a target)."""
-    from lorad.cli.control import _abs
-
-    return int(text) if text.isascii() and text.isdigit() else _abs(text)
-
-
 def daemon_caller(args: argparse.Namespace):  # -> Callable[..., dict]
     """call(method, **params) on the daemon's socket: --socket, else $LORAD_SOCKET, else the default
     path (--config in these commands is the base model's config folder, not the daemon's). With
     --json, an error reply is printed as JSON too. One connection per call: a measurement or a
     render may outlast the daemon's idle timeout."""
-    from lorad.cli.control import socket_path
     from lorad.daemon.control.client import Client
     from lorad.daemon.control.protocol import ControlError
 

@@ -18,6 +18,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from lorad.cli._compare_options import add_daemon_form, add_device, add_inputs
 from lorad.errors import LoradError
 
 
@@ -26,14 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("preview", help=help_text, description=help_text + (
         ": per prompt and seed the original's picture, the variant's and their difference (|a - b| x 4), with "
         "the SSIM of the pair; the HTML report of the LoRA (PATH|ID) or a page of its own (ORIGINAL OTHER)"))  # fmt: skip
-    p.add_argument("input", nargs="+", metavar="INPUT",
-                   help="ORIGINAL OTHER: two LoRA .safetensors files, without the daemon; or one PATH|ID: a LoRA "
-                        "the daemon holds, its variant against the original")  # fmt: skip
-    p.add_argument("--base", type=Path, metavar="MODEL",
-                   help="the base model: a diffusers pipeline folder, or a single-file .safetensors checkpoint "
-                        "(with --config)")  # fmt: skip
-    p.add_argument("--config", type=Path, metavar="FOLDER",
-                   help="for a single-file checkpoint: a local diffusers config folder (model_index.json)")
+    add_inputs(p, "ORIGINAL OTHER: two LoRA .safetensors files, without the daemon; or one PATH|ID: a LoRA the "
+                  "daemon holds, its variant against the original",
+               "the base model: a diffusers pipeline folder, or a single-file .safetensors checkpoint (with "
+               "--config)")  # fmt: skip
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="a prompt (repeat for several; default: two built-in prompts)")
     p.add_argument("--seeds", type=int, metavar="N", help="render each prompt with seeds 1..N (default 2)")
@@ -41,15 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, metavar="PX",
                    help="picture height and width in pixels (default: the pipeline's own size)")
     p.add_argument("--guidance-scale", type=float, metavar="G", help="default: the pipeline's own")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when torch sees one)")
+    add_device(p)
     p.add_argument("-o", "--output", metavar="FILE.html",
                    help="the page to write (default: <stem>.report.html for PATH|ID, <other's stem>.preview.html "
                         "for two files, in the current directory)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the figures (SSIM per picture, mean) and the page's path")
-    p.add_argument("--variant", type=int, metavar="N",
-                   help="PATH|ID form: the variant to show (default: the active one, else the newest reduction)")
-    p.add_argument("--socket", type=Path,
-                   help="PATH|ID form: the daemon's socket (default: $LORAD_SOCKET, then the default path)")
+    add_daemon_form(p, "show")
     p.set_defaults(func=_preview)
 
 
@@ -86,7 +80,8 @@ def _files_preview(args: argparse.Namespace) -> int:
 def _daemon_preview(args: argparse.Namespace) -> int:
     import tempfile
 
-    from lorad.cli.effect import assemble_stored, daemon_caller, target_of, variant_label
+    from lorad.cli.control import target_of
+    from lorad.cli.effect import assemble_stored, daemon_caller, variant_label
     from lorad.cli.report import default_output
     from lorad.report.html import render_lora
 

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lorad.cli.control import _abs, _common, _scriptable, call
+from lorad.cli.control import _common, _scriptable, call, target_of
 from lorad.errors import LoradError
 
 LIBRARY_NAME = "library.report.html"
@@ -37,8 +37,7 @@ def report_command(args: argparse.Namespace) -> int:
     if args.all:
         doc = call(args, "report", all=True)
     else:
-        target: int | str = int(args.target) if args.target.isdigit() else _abs(args.target)
-        doc = call(args, "report", target=target)
+        doc = call(args, "report", target=target_of(args.target))
     out = Path(os.path.abspath(os.path.expanduser(args.output))) if args.output else default_output(doc, args.all)
     html = render_library(doc) if args.all else render_lora(doc)
     try:

@@ -13,10 +13,11 @@ TransientError, so callers retry later instead of giving up on the file or the j
 A server that cannot be reached mid-run (PostgreSQL stopped or restarting, the network gone: a
 failed connect, a connection dropped, SQLSTATE class 08 or 57P) is `DatabaseLost`, a
 DatabaseUnavailable. `Database.health` remembers it: the first such failure logs "database
-unreachable, retrying" once with the URL (password hidden), the next transaction that succeeds logs
-"database reachable again" once and tells the listeners (the daemon wakes its workers and retries
-the files it could not take in); `lorad status` shows it. Pooled connections are pinged before use
-(PostgreSQL), so the connections a restart killed are replaced instead of failing once each.
+unreachable, retrying" once with the URL and the driver's message (the password hidden in both, as
+in the start-up refusal), the next transaction that succeeds logs "database reachable again" once
+and tells the listeners (the daemon wakes its workers and retries the files it could not take in);
+`lorad status` shows it. Pooled connections are pinged before use (PostgreSQL), so the connections
+a restart killed are replaced instead of failing once each.
 """
 
 from __future__ import annotations
@@ -90,6 +91,23 @@ def _one_line(error: BaseException) -> str:
     return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
 
 
+def _cause(url: str, error: BaseException) -> str:
+    """The driver's message as one line, the URL's password masked."""
+    return _masked(url, _one_line(error))
+
+
+def _masked(url: str, text: str) -> str:
+    """`text` with the URL's password as ***: a driver's message may quote the connection details
+    it was given (libpq quotes a URI it cannot parse), and it goes to the log and to `lorad status`."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        password = make_url(url).password
+    except Exception:  # noqa: BLE001 - no password to find in a URL that does not parse
+        password = None
+    return text.replace(str(password), "***") if password else text
+
+
 class Health:
     """Whether the database answered the last time it was asked: one log line when it stops, one
     when it answers again, and listeners told of the return."""
@@ -113,7 +131,7 @@ class Health:
         with self._lock:
             if self.reachable and began < self._back_at:
                 return
-            self.error = _one_line(error)
+            self.error = _cause(self.url, error)
             if not self.reachable:
                 return
             self.reachable, self.since, self._lost_at = False, datetime.now(timezone.utc), time.monotonic()
@@ -167,18 +185,11 @@ def shown_url(url: str) -> str:
 def unreachable(url: str, error: BaseException) -> DatabaseUnreachable:
     """A failure to open or migrate the database as one line: the URL without its password, and
     the cause (the driver's message, its lines joined)."""
-    from sqlalchemy.engine import make_url
-
     if isinstance(error, ImportError):
-        cause = f"a module it needs is not installed ({error}); for PostgreSQL: pip install 'lorad[postgres]'"
+        cause = _masked(url, f"a module it needs is not installed ({error}); for PostgreSQL: "
+                             "pip install 'lorad[postgres]'")  # fmt: skip
     else:
-        cause = _one_line(error)
-    try:
-        password = make_url(url).password
-    except Exception:  # noqa: BLE001
-        password = None
-    if password:
-        cause = cause.replace(str(password), "***")
+        cause = _cause(url, error)
     return DatabaseUnreachable(f"cannot use the database {shown_url(url)}: {cause}")
 
 
@@ -272,8 +283,8 @@ class Database:
         except DBAPIError as e:
             if is_lost(e):
                 self.health.lost(e, began)
-                raise DatabaseLost(f"the database {shown_url(self.url)} cannot be reached ({_one_line(e)}); "
-                                   "retrying") from e  # fmt: skip
+                raise DatabaseLost(f"the database {shown_url(self.url)} cannot be reached "
+                                   f"({_cause(self.url, e)}); retrying") from e  # fmt: skip
             if isinstance(e, OperationalError):
                 _raise_transient(e)
             raise
