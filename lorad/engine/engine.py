@@ -2,14 +2,16 @@
 
 The flow: open (validate header, group modules, read scales) -> decompose same-shape modules in
 batches (exact factored SVD, on the GPU when there is one; lorad.engine._job) -> choose ranks ->
-fold the scale and cast -> write beside the target -> read the written file back as every loader
-family would and hold it to the report (lorad.engine.readback) -> rename. Factors are streamed batch by
-batch; only the reduced output is held in memory.
+fold the scale and cast -> write each module as it is made (lorad.engine.formats.writer) -> the
+header, and the whole file read back from disk -> read it as every loader family would and hold it
+to the report (lorad.engine.readback) -> rename. Factors and outputs are streamed batch by batch:
+neither the input nor the output is ever held in memory whole.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +20,13 @@ import torch
 
 from lorad.engine import readback
 from lorad.engine._job import DeviceOutOfMemory, Job, Progress, fake_oom_limit
-from lorad.engine.formats import encode, writer
+from lorad.engine.formats import encode, output_metadata, writer
 from lorad.engine.formats.lora import LoraSource, Module, most_common, open_lora
-from lorad.engine.formats.safetensors_file import RawTensor, file_hashes
+from lorad.engine.formats.safetensors_file import file_hashes
 from lorad.engine.reduce import budget as budget_mod
 from lorad.engine.reduce import rank_rules, select
 from lorad.engine.report import FileInfo, ModuleReport, Report, Spectrum
-from lorad.errors import OutputWriteError, ReduceError
+from lorad.errors import ReduceError
 
 HEADER_SLACK = 1024  # first guess at the room new metadata takes; a miss is corrected and retried
 SPECTRA_IN_REPORT = 6
@@ -167,9 +169,8 @@ def _run_on(source: LoraSource, dst: Path | None, settings: ReduceSettings, prog
         output = None
     else:
         for attempt in range(3):
-            module_reports, outputs = job(fixed_ranks, enc).reduce()
-            provenance = _provenance(settings, rule, *hashes.result())
-            written = _write(source, outputs, enc, dst, provenance, module_reports)
+            module_reports, written = _reduce_into(source, job(fixed_ranks, enc), enc, dst,
+                                                   lambda: _provenance(settings, rule, *hashes.result()))
             overshoot = written.bytes - _target_bytes(settings) if settings.method == "budget" else 0
             if overshoot <= 0 or attempt == 2:
                 break
@@ -191,7 +192,7 @@ def _provenance(settings: ReduceSettings, rule: rank_rules.RankRule, sha256: str
     if not rule.is_plain:
         extra.update({"lorad.rank_rule": rule.describe(settings.max_rank),
                       **({"lorad.serve": rule.serve} if rule.serve else {})})
-    return writer.provenance_keys(sha256, settings.method, _param(settings), extra)
+    return output_metadata.provenance_keys(sha256, settings.method, _param(settings), extra)
 
 
 def _largest_spectra(spectra: dict[str, torch.Tensor], reports: dict[str, ModuleReport],
@@ -202,15 +203,17 @@ def _largest_spectra(spectra: dict[str, torch.Tensor], reports: dict[str, Module
                  for name in largest)
 
 
-def _write(source: LoraSource, outputs: dict, enc: encode.Encoding, dst: Path,
-           provenance: dict[str, str], reports: dict[str, ModuleReport]) -> writer.Written:
-    def check(written: Path, data: dict[str, RawTensor]) -> None:
-        readback.check_written(source, written, reports, outputs, enc, data)
+def _reduce_into(source: LoraSource, job: Job, enc: encode.Encoding, dst: Path,
+                 provenance: Callable[[], dict[str, str]]) -> tuple[dict[str, ModuleReport], writer.Written]:
+    """Reduce, each module written as it is made; then the header, and the read-back that holds the
+    written file to the reports (lorad.engine.readback) before it is renamed into place."""
+    with writer.LoraWriter(source, enc, dst) as out:
+        reports = job.reduce(out.put)
 
-    try:
-        return writer.write_lora(source, outputs, enc, dst, provenance, check)
-    except OSError as e:  # full disk, file too large, read-only folder: nothing was left behind
-        raise OutputWriteError(f"{dst}: cannot write the output: {e.strerror or e}") from e
+        def check(written: Path, layout: writer.Layout) -> None:
+            readback.check_written(source, written, reports, layout, enc)
+
+        return reports, out.finish(provenance(), check)
 
 
 def _param(settings: ReduceSettings) -> float | None:

@@ -14,10 +14,9 @@ from what the report says is never published. Checked, module by module:
     file and for a spread sample of a large one (the cost is the size of the decomposition itself);
   - a lora_B.bias still adds scale * bias as before.
 
-Without a second pass over the output: the header, the alphas and the config are read from disk as
-a loader reads them, and every module's factors are found where that header says, in the data the
-writer wrote (still in memory); the sampled modules' factors are also read from disk and must be
-those same bytes.
+The writer has already read the whole file back from disk and found exactly the bytes it made
+(lorad.engine.formats.writer); here the header, the alphas and the config are read from disk as a
+loader reads them, and the header must locate each module's factors where the writer put them.
 """
 
 from __future__ import annotations
@@ -29,9 +28,9 @@ import torch
 
 from lorad.engine.formats import scales
 from lorad.engine.formats.encode import Encoding
-from lorad.engine.formats.lora import FLOAT_DTYPES, LoraSource, Module, Reader, open_lora
-from lorad.engine.formats.safetensors_file import Header, RawTensor
-from lorad.engine.formats.writer import ModuleOutput
+from lorad.engine.formats.lora import LoraSource, Module, Reader, open_lora
+from lorad.engine.formats.safetensors_file import Header
+from lorad.engine.formats.writer import Layout
 from lorad.engine.report import ModuleReport
 from lorad.errors import ReduceError
 
@@ -44,11 +43,11 @@ _REL_TOL = 1e-3
 MEASURE_ALL_UP_TO = 64  # modules; above it, a sample of this many is measured against the original
 
 
-def check_written(source: LoraSource, written: Path, reports: dict[str, ModuleReport],
-                  outputs: dict[str, ModuleOutput], enc: Encoding, data: dict[str, RawTensor]) -> None:
+def check_written(source: LoraSource, written: Path, reports: dict[str, ModuleReport], layout: Layout,
+                  enc: Encoding) -> None:
     """Raise ReduceError naming the first way `written` would be read differently from `reports`.
 
-    data: the tensors the writer wrote into `written`'s safetensors file, in the order written."""
+    layout: what the writer put where (lorad.engine.formats.writer.Layout)."""
     try:
         out = open_lora(written)
     except ReduceError:
@@ -61,9 +60,9 @@ def check_written(source: LoraSource, written: Path, reports: dict[str, ModuleRe
     problems += _configs(out)
     problems += _scales(before, after, reports)
     if not problems:
-        problems = _contents(_WrittenData(out.header, data), after, outputs, enc)
+        problems = _contents(out.header, after, layout, enc)
     if not problems:
-        problems = _errors(source, out, before, after, reports, outputs)
+        problems = _errors(source, out, before, after, reports)
     if problems:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise _mismatch(shown)
@@ -116,52 +115,24 @@ def _scales(before: dict[str, Module], after: dict[str, Module], reports: dict[s
     return problems
 
 
-class _WrittenData:
-    """A written file's tensors as its own header locates them, in the data the writer wrote."""
-
-    def __init__(self, header: Header, data: dict[str, RawTensor]):
-        self.header = header
-        self.at: dict[int, RawTensor] = {}
-        offset = 0
-        for t in data.values():
-            self.at[offset] = t
-            offset += len(t.data)
-
-    def tensor(self, key: str) -> torch.Tensor | None:
-        """None where the header points at no written tensor of its size."""
-        entry = self.header.tensors[key]
-        t = self.at.get(entry.start)
-        if t is None or len(t.data) != entry.nbytes or entry.dtype not in FLOAT_DTYPES:
-            return None
-        if entry.nbytes == 0:
-            return torch.empty(entry.shape, dtype=FLOAT_DTYPES[entry.dtype])
-        return torch.frombuffer(t.data, dtype=FLOAT_DTYPES[entry.dtype]).reshape(entry.shape)
-
-
-def _contents(written: _WrittenData, after: dict[str, Module], outputs: dict[str, ModuleOutput],
-              enc: Encoding) -> list[str]:
+def _contents(header: Header, after: dict[str, Module], layout: Layout, enc: Encoding) -> list[str]:
     """The file holds the very factors the metrics were computed on, read at the scale they assumed."""
     problems = []
-    for name, o in outputs.items():
+    for name, written in layout.modules.items():
         m = after[name]
-        assumed = enc.loader_scale(o.rank)
+        assumed = enc.loader_scale(written.rank)
         if abs(m.scale - assumed) > 1e-6 * abs(assumed):
             problems.append(f"{name}: read at scale {m.scale:.6g}, its factors were folded for {assumed:.6g}")
-        up, down = written.tensor(m.keys["up"]), written.tensor(m.keys["down"])
-        if not (_same(up, o.up) and _same(down, o.down)):
+        if not all(_located(header, layout, m.keys[role]) for role in ("up", "down")):
             problems.append(f"{name}: the file holds other factors than were computed")
     return problems
 
 
-def _same(read: torch.Tensor | None, computed: torch.Tensor) -> bool:
-    """Bit for bit (torch.equal on the values would let -0.0 pass for 0.0, and is slow on float16)."""
-    return read is not None and read.dtype == computed.dtype and read.shape == computed.shape \
-        and torch.equal(_words(read), _words(computed))
-
-
-def _words(t: torch.Tensor) -> torch.Tensor:
-    flat = t.contiguous().reshape(-1).view(torch.uint8)
-    return flat.view(torch.int64) if flat.numel() % 8 == 0 and flat.storage_offset() % 8 == 0 else flat
+def _located(header: Header, layout: Layout, key: str) -> bool:
+    """The header read from disk points `key` at the bytes the writer made for it."""
+    entry, placed = header.tensors.get(key), layout.entries.get(key)
+    return entry is not None and placed is not None \
+        and (entry.dtype, entry.shape, entry.start, entry.end) == (placed.dtype, placed.shape, placed.start, placed.end)
 
 
 def _sample(names: list[str], size: int) -> list[str]:
@@ -172,7 +143,7 @@ def _sample(names: list[str], size: int) -> list[str]:
 
 
 def _errors(source: LoraSource, out: LoraSource, before: dict[str, Module], after: dict[str, Module],
-            reports: dict[str, ModuleReport], outputs: dict[str, ModuleOutput]) -> list[str]:
+            reports: dict[str, ModuleReport]) -> list[str]:
     problems = []
     names = [n for n, r in reports.items() if r.skipped is None and n in before and "up" in before[n].keys]
     # (a module rebuilt from LoHa/LoKr has no up/down to compare: its dense dW is the engine's check)
@@ -181,10 +152,6 @@ def _errors(source: LoraSource, out: LoraSource, before: dict[str, Module], afte
             report = reports[name]
             old, new = before[name], after[name]
             up, down = new_reader.tensor(new.keys["up"]), new_reader.tensor(new.keys["down"])
-            written = outputs.get(name)
-            if written is not None and not (_same(up, written.up) and _same(down, written.down)):
-                problems.append(f"{name}: the file on disk holds other factors than were written")
-                continue
             new_factors = up.reshape(new.out_features, new.rank), down.reshape(new.rank, new.in_features)
             measured = _rel_error(old_reader.factors(old), old.scale, new_factors, new.scale)
             if not measured <= report.rel_error * (1 + _REL_TOL) + _ABS_TOL:

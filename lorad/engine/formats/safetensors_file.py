@@ -1,5 +1,5 @@
-"""The safetensors container itself: a validated header reader, a streaming writer and the hashes
-that loaders and Civitai compute over it.
+"""The safetensors container itself: a validated header reader, the header a writer writes, and
+the hashes that loaders and Civitai compute over it.
 
 Layout: 8-byte little-endian header length N, N bytes of JSON ({name: {dtype, shape, data_offsets}}
 plus an optional "__metadata__" of str -> str), then the data section. Nothing here imports torch
@@ -13,7 +13,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,25 +198,17 @@ class RawTensor:
     data: bytes | memoryview
 
 
-def _header_json(tensors: dict[str, RawTensor], metadata: dict[str, str]) -> bytes:
+def file_prefix(entries: dict[str, tuple[str, tuple[int, ...], int, int]], metadata: dict[str, str]) -> bytes:
+    """The bytes before the data section: the header's length, then the header, whose keys come
+    in the given order, each as (dtype, shape, start, end) within the data section."""
     doc: dict[str, object] = {}
     if metadata:
         doc["__metadata__"] = metadata
-    offset = 0
-    for name, t in tensors.items():
-        n = len(t.data)
-        doc[name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
+    for name, (dtype, shape, start, end) in entries.items():
+        doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [start, end]}
     raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return raw + b" " * (-len(raw) % 8)  # pad so the data section starts 8-byte aligned
-
-
-def data_sha256(tensors: dict[str, RawTensor]) -> str:
-    """sha256 of the data section these tensors make, in this order (= sshs_model_hash / AutoV3)."""
-    h = hashlib.sha256()
-    for t in tensors.values():
-        h.update(t.data)
-    return h.hexdigest()
+    raw += b" " * (-len(raw) % 8)  # pad so the data section starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
 
 
 def legacy_hash(header_and_data: Iterable[bytes | memoryview]) -> str:
@@ -233,32 +225,6 @@ def legacy_hash(header_and_data: Iterable[bytes | memoryview]) -> str:
         if pos >= hi:
             break
     return h.hexdigest()[:8]
-
-
-def serialize(tensors: dict[str, RawTensor], metadata: dict[str, str]) -> Iterator[bytes | memoryview]:
-    """Yield the file's bytes: length, header, then each tensor's data in the given order."""
-    header = _header_json(tensors, metadata)
-    yield struct.pack("<Q", len(header)) + header
-    for t in tensors.values():
-        yield t.data
-
-
-def write_file(
-    path: str | os.PathLike[str], tensors: dict[str, RawTensor], metadata: dict[str, str]
-) -> tuple[int, str]:
-    """Write to `path` (the caller picks a temp name and renames) and fsync it.
-
-    Returns (size, sha256 of the whole file), hashed on the way out rather than read back.
-    """
-    size, h = 0, hashlib.sha256()
-    with open(path, "wb") as f:
-        for chunk in serialize(tensors, metadata):
-            f.write(chunk)
-            h.update(chunk)
-            size += len(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    return size, h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,27 +1,37 @@
-"""Write a reduced LoRA in its input's own format: same keys, new factors, honest metadata."""
+"""Write a reduced LoRA in its input's own format: same keys in the same order, new factors,
+honest metadata.
+
+Modules are handed over as they are made (`LoraWriter.put`) and go straight to a temp data section
+on disk (lorad.engine.formats.data_section), so a reduction holds no more of its output in memory
+than the batch in hand. `finish` writes the header and the data in the input's key order, reads
+the whole file back from disk to prove it holds exactly the bytes made, hands it to a check, and
+only then renames it into place.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import torch
 
-from lorad import __version__
 from lorad._atomic import replacing
-from lorad.engine.formats import detect, scales
-from lorad.engine.formats.adapter_config import lora_fields
+from lorad._fileio import open_regular
+from lorad.engine.formats import detect
+from lorad.engine.formats.data_section import CHUNK, DataSection, Placed
 from lorad.engine.formats.encode import TORCH_TO_ST, Encoding
 from lorad.engine.formats.lora import PEFT_CONFIG, PEFT_WEIGHTS, LoraSource, Module
-from lorad.engine.formats.safetensors_file import RawTensor, data_sha256, legacy_hash, read_raw, serialize, write_file
-from lorad.engine.formats.scales import DIFFUSERS_METADATA_KEY
+from lorad.engine.formats.output_metadata import Reduced, build_metadata, peft_config
+from lorad.engine.formats.safetensors_file import RawTensor, file_prefix, legacy_hash
+from lorad.errors import OutputWriteError, ReduceError
 
-_STALE_KEYS = (DIFFUSERS_METADATA_KEY, "sshs_model_hash", "sshs_legacy_hash")
 _LEGACY_PLACEHOLDER = "0" * 8
 
 
@@ -35,11 +45,20 @@ class ModuleOutput:
 
 
 @dataclass(frozen=True)
+class Layout:
+    """What was written where: each reduced module at its rank, and every key of the file (in the
+    header's order) at its place in the data section."""
+
+    modules: dict[str, Reduced]
+    entries: dict[str, Placed]
+
+
+@dataclass(frozen=True)
 class Written:
     path: Path  # the file or PEFT directory written
     weights: Path  # its safetensors file
     bytes: int  # of the safetensors file
-    sha256: str  # of the safetensors file
+    sha256: str  # of the safetensors file, as read back from disk
 
 
 def raw(t: torch.Tensor) -> RawTensor:
@@ -54,198 +73,169 @@ def _alpha_raw(value: float, dtype: torch.dtype) -> RawTensor:
     return raw(t)
 
 
-def build_tensors(source: LoraSource, outputs: dict[str, ModuleOutput], enc: Encoding) -> dict[str, RawTensor]:
-    """Every output tensor in the input's key order; new alpha keys follow their module's down key.
+@dataclass(frozen=True)
+class _Keys:
+    """The keys one reduced module is written under."""
 
-    A module rebuilt as plain LoRA (from LoHa/LoKr) loses its old keys; its lora_up, lora_down
-    and alpha take the place of the first of them.
-    """
-    replaced: dict[str, RawTensor] = {}
-    inserted: dict[str, list[tuple[str, RawTensor]]] = {}
-    dropped: set[str] = set()
-    for out in outputs.values():
-        keys, name = out.module.keys, out.module.name
-        alpha = _alpha_raw(enc.written_alpha(out.rank), enc.alpha_dtype)
-        if "up" not in keys:
-            first = min(keys.values(), key=lambda k: source.header.tensors[k].start)
-            dropped.update(keys.values())
-            new = [(f"{name}.lora_up.weight", raw(out.up)), (f"{name}.lora_down.weight", raw(out.down))]
-            inserted[first] = new + ([(f"{name}.alpha", alpha)] if enc.style == detect.ALPHA_KEYS else [])
-            continue
-        replaced[keys["up"]] = raw(out.up)
-        replaced[keys["down"]] = raw(out.down)
-        if out.bias is not None:
-            replaced[keys["up_bias"]] = raw(out.bias)
-        if "alpha" in keys:
-            replaced[keys["alpha"]] = alpha
-        elif enc.style == detect.ALPHA_KEYS:
-            inserted[keys["down"]] = [(f"{name}.alpha", alpha)]
-    tensors: dict[str, RawTensor] = {}
-    for key, entry in source.header.tensors.items():
-        if key not in dropped:
-            tensors[key] = replaced.get(key) or RawTensor(entry.dtype, entry.shape, read_raw(source.header, key))
-        tensors.update(inserted.get(key, ()))
-    return tensors
+    up: str
+    down: str
+    bias: str | None
+    alpha: str | None
+    replaces: tuple[str, ...] = ()  # a module rebuilt as plain LoRA (from LoHa/LoKr) loses its old keys
 
 
-def build_metadata(
-    source: LoraSource, outputs: dict[str, ModuleOutput], enc: Encoding, provenance: dict[str, str]
-) -> dict[str, str]:
-    meta = {k: v for k, v in source.header.metadata.items() if k not in _STALE_KEYS}
-    ranks = [o.rank for o in outputs.values()]
-    kohya_like = source.format.startswith("kohya") or any(k.startswith("ss_") for k in meta)
-    if kohya_like and ranks:
-        _update_kohya(meta, ranks, outputs, enc, provenance)
-    if source.writes_diffusers_metadata:
-        meta[DIFFUSERS_METADATA_KEY] = json.dumps(_diffusers_metadata(source, outputs, enc), sort_keys=True)
-        meta.setdefault("format", "pt")
-    meta.update(provenance)
-    return meta
+def _keys(m: Module, enc: Encoding) -> _Keys:
+    alpha = f"{m.name}.alpha" if enc.style == detect.ALPHA_KEYS else None
+    if "up" not in m.keys:
+        return _Keys(f"{m.name}.lora_up.weight", f"{m.name}.lora_down.weight", None, alpha, tuple(m.keys.values()))
+    return _Keys(m.keys["up"], m.keys["down"], m.keys.get("up_bias"), m.keys.get("alpha", alpha))
 
 
-def module_ranks_alphas(source: LoraSource, outputs: dict[str, ModuleOutput], enc: Encoding,
-                        rslora: bool = False) -> dict[str, tuple[int, float]]:
-    """Module name -> (rank, alpha) as a PEFT config must state it, for every LoRA-shaped module:
-    reduced ones at their new rank and the encoding's alpha, passed-through ones as they were."""
-    entries: dict[str, tuple[int, float]] = {}
-    for m in source.modules:
-        if m.name in outputs:
-            k = outputs[m.name].rank
-            entries[m.name] = (k, enc.written_alpha(k))
-        elif m.rank > 0 and m.readings is not None and m.readings.metadata is not None:
-            alpha = m.readings.metadata * (math.sqrt(m.rank) if rslora else m.rank)
-            entries[m.name] = (m.rank, _round_alpha(alpha))
-    return entries
+class LoraWriter:
+    """One reduced LoRA on its way to `dst`: `put` each module as it is made, then `finish`."""
 
+    def __init__(self, source: LoraSource, enc: Encoding, dst: Path):
+        self.source, self.enc, self.dst = source, enc, dst
+        self.modules: dict[str, Reduced] = {}
+        with _writing(dst):
+            self.data = DataSection(dst.parent)  # the bytes made so far, in the order made
 
-def _round_alpha(alpha: float) -> float:
-    # alpha / r * r in floating point: give back the integer the config most likely held
-    nearest = round(alpha)
-    return float(nearest) if abs(alpha - nearest) <= 1e-9 * max(1.0, abs(alpha)) else alpha
+    def put(self, out: ModuleOutput) -> None:
+        keys = _keys(out.module, self.enc)
+        with _writing(self.dst):
+            self._put(keys.up, raw(out.up))
+            self._put(keys.down, raw(out.down))
+            if out.bias is not None and keys.bias is not None:
+                self._put(keys.bias, raw(out.bias))
+        self.modules[out.module.name] = Reduced(out.module, out.rank)
 
+    def _put(self, key: str, t: RawTensor) -> None:
+        self.data.put(key, t.dtype, t.shape, t.data)
 
-def _update_kohya(meta: dict[str, str], ranks: list[int], outputs: dict[str, ModuleOutput], enc: Encoding,
-                  provenance: dict[str, str]) -> None:
-    uniform = len(set(ranks)) == 1
-    meta["ss_network_dim"] = str(ranks[0]) if uniform else "Dynamic"
-    if enc.alpha is not None:
-        meta["ss_network_alpha"] = _number(enc.alpha)
-    conv = [o.rank for o in outputs.values() if o.module.kernel and o.module.kernel != (1, 1)]
-    if "ss_network_args" in meta and conv:
-        try:
-            args = json.loads(meta["ss_network_args"])
-        except json.JSONDecodeError:
-            args = None
-        if isinstance(args, dict) and "conv_dim" in args:
-            args["conv_dim"] = str(max(conv))
-            if enc.alpha is not None:
-                args["conv_alpha"] = _number(enc.alpha)
-            meta["ss_network_args"] = json.dumps(args)
-    comment = f"lorad {provenance['lorad.method']} {provenance['lorad.param']}: ranks {min(ranks)}-{max(ranks)}"
-    old = meta.get("ss_training_comment")
-    meta["ss_training_comment"] = f"{comment}; {old}" if old and old != "None" else comment
+    def finish(self, provenance: dict[str, str],
+               check: Callable[[Path, Layout], None] = lambda _path, _layout: None) -> Written:
+        """Write the file (or PEFT folder) atomically. `check(temp path, layout)` runs on the complete
+        temp file or folder, already proven to hold exactly the bytes made, before it is renamed into
+        place; it may refuse it by raising, and then nothing is left behind."""
+        with _writing(self.dst):
+            layout = self._complete()
+            order = list(layout.entries)
+            data_sha256 = _sha256(self.data.chunks(order))
+            meta = build_metadata(self.source, self.modules, self.enc, provenance)
+            if self.source.format != "peft":
+                meta = self._with_hashes(layout, meta, data_sha256)
+            prefix = _prefix(layout, meta)
+            with replacing(self.dst) as tmp:
+                weights = tmp
+                if self.source.peft_config is not None:
+                    tmp.mkdir()
+                    _copy_side_files(self.source.path, tmp)
+                    weights = tmp / PEFT_WEIGHTS
+                sha256 = self._write_file(weights, prefix, order, data_sha256)
+                if self.source.peft_config is not None:
+                    _write_json(tmp / PEFT_CONFIG, peft_config(self.source, self.modules, self.enc))
+                check(tmp, layout)
+        return Written(self.dst, self.dst / PEFT_WEIGHTS if self.source.peft_config else self.dst,
+                       len(prefix) + self.data.size, sha256)  # fmt: skip
 
+    def _complete(self) -> Layout:
+        """Append the new alphas and every tensor passed through; lay the keys out in the header's
+        order: the input's, with new alpha keys after their module's down key and a rebuilt module's
+        keys in the place of its first old one."""
+        header = self.source.header
+        inserted: dict[str, list[str]] = {}
+        dropped: set[str] = set()
+        for r in self.modules.values():
+            keys = _keys(r.module, self.enc)
+            if keys.alpha is not None:
+                self._put(keys.alpha, _alpha_raw(self.enc.written_alpha(r.rank), self.enc.alpha_dtype))
+            if keys.replaces:
+                dropped.update(keys.replaces)
+                first = min(keys.replaces, key=lambda k: header.tensors[k].start)
+                inserted[first] = [keys.up, keys.down] + ([keys.alpha] if keys.alpha else [])
+            elif keys.alpha is not None and keys.alpha not in header.tensors:
+                inserted[keys.down] = [keys.alpha]
+        order: list[str] = []
+        with open_regular(header.path) as src:
+            for key, entry in header.tensors.items():
+                if key not in dropped:
+                    order.append(key)
+                    if key not in self.data:
+                        self.data.copy_from(key, entry.dtype, entry.shape, header.path, src.fileno(),
+                                            header.data_offset + entry.start, entry.nbytes)  # fmt: skip
+                order += inserted.get(key, ())
+        return Layout(dict(self.modules), self.data.lay_out(order))
 
-def _number(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else repr(float(x))
-
-
-def _diffusers_metadata(source: LoraSource, outputs: dict[str, ModuleOutput], enc: Encoding) -> dict[str, object]:
-    """Minimal LoraConfig per component (r, lora_alpha, target_modules, rank_pattern, alpha_pattern;
-    lora_bias where modules carry lora_B.bias, or diffusers would drop the biases).
-
-    Never the input's own metadata: a stale r or a newer PEFT's extra fields break loading.
-    """
-    by_component: dict[str, dict[str, tuple[int, float]]] = {}
-    biased: set[str] = set()
-    for name, entry in module_ranks_alphas(source, outputs, enc).items():
-        comp = scales.component(name) or "unet"
-        by_component.setdefault(comp, {})[_metadata_path(comp, name)] = entry
-    for m in source.modules:
-        if "up_bias" in m.keys:
-            biased.add(scales.component(m.name) or "unet")
-    flat: dict[str, object] = {}
-    for comp, entries in sorted(by_component.items()):
-        fields = lora_fields(entries)
-        if comp in biased:
-            fields["lora_bias"] = True
-        flat.update({f"{comp}.{k}": v for k, v in fields.items()})
-    return flat
-
-
-def _metadata_path(comp: str, name: str) -> str:
-    """The module path written in metadata. transformers 5 dropped `text_model.` from CLIP's module
-    names and diffusers strips it from tensor keys, not from metadata: without it the path still
-    matches both stacks, since PEFT matches pattern keys and target names by suffix."""
-    path = scales.config_path(name, False)
-    if comp.startswith("text_encoder"):
-        path = path.removeprefix("text_model.")
-    return path
-
-
-def provenance_keys(source_sha256: str, method: str, param: float | None, extra: dict[str, str]) -> dict[str, str]:
-    keys = {
-        "lorad.version": __version__,
-        "lorad.source_sha256": source_sha256,
-        "lorad.method": method,
-        "lorad.param": "" if param is None else _number(param),
-    }
-    keys.update(extra)
-    return keys
-
-
-def write_safetensors(path: Path, tensors: dict[str, RawTensor], meta: dict[str, str], hashes: bool) -> tuple[int, str]:
-    """Write (path is a temp name the caller renames); return (bytes, sha256 of the file).
-
-    The data section's hash does not depend on the header, so sshs_model_hash can be written into
-    the header it describes. sshs_legacy_hash covers the final file's bytes at 1 MiB: it is
-    computed over the layout with a fixed-length placeholder, then filled in.
-    """
-    if hashes:
-        data_hash = data_sha256(tensors)
-        meta = dict(meta, sshs_model_hash=data_hash, sshs_legacy_hash=_LEGACY_PLACEHOLDER)
-        meta["sshs_legacy_hash"] = legacy_hash(serialize(tensors, meta))
+    def _with_hashes(self, layout: Layout, meta: dict[str, str], data_sha256: str) -> dict[str, str]:
+        """sshs_model_hash is the data section's hash, known before the header it is written into.
+        sshs_legacy_hash covers the final file's bytes at 1 MiB: computed over the layout with a
+        fixed-length placeholder, then filled in."""
+        meta = dict(meta, sshs_model_hash=data_sha256, sshs_legacy_hash=_LEGACY_PLACEHOLDER)
         if "modelspec.hash_sha256" in meta:
-            meta["modelspec.hash_sha256"] = "0x" + data_hash
-    return write_file(path, tensors, meta)
+            meta["modelspec.hash_sha256"] = "0x" + data_sha256
+        meta["sshs_legacy_hash"] = legacy_hash(chain([_prefix(layout, meta)], self.data.chunks(list(layout.entries))))
+        return meta
+
+    def _write_file(self, path: Path, prefix: bytes, order: list[str], data_sha256: str) -> str:
+        """Header, then the data section copied in the kernel; fsync; then read it all back: the
+        sha256 returned is that of the bytes on disk, which must be the header and data made."""
+        with open(path, "wb") as f:
+            f.write(prefix)
+            f.flush()
+            self.data.copy_to(f.fileno(), order)
+            os.fsync(f.fileno())
+        whole, data = hashlib.sha256(), hashlib.sha256()
+        # the two hashes of each block run side by side (hashlib releases the GIL)
+        with open_regular(path) as f, ThreadPoolExecutor(1, thread_name_prefix="lorad-readback") as pool:
+            head = f.read(len(prefix))
+            whole.update(head)
+            pending: Future[None] | None = None
+            while block := f.read(CHUNK):
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(data.update, block)
+                whole.update(block)
+            if pending is not None:
+                pending.result()
+        if head != prefix or data.hexdigest() != data_sha256:
+            part = "header" if head != prefix else "data"
+            raise ReduceError(f"refusing to publish {self.dst}: its {part} as read back from disk is not "
+                              "what was written")  # fmt: skip
+        return whole.hexdigest()
+
+    def close(self) -> None:
+        self.data.close()
+
+    def __enter__(self) -> LoraWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def write_lora(
-    source: LoraSource,
-    outputs: dict[str, ModuleOutput],
-    enc: Encoding,
-    dst: Path,
-    provenance: dict[str, str],
-    check: Callable[[Path, dict[str, RawTensor]], None] = lambda _written, _data: None,
-) -> Written:
-    """Write `dst` atomically; `check(temp path, the tensors written)` runs on the complete temp file
-    or folder before it is renamed into place, and may refuse it by raising (then nothing is left
-    behind). The tensors are handed over so that the check need not read the data back."""
-    tensors = build_tensors(source, outputs, enc)
-    meta = build_metadata(source, outputs, enc, provenance)
-    hashes = source.format != "peft"
-    if source.peft_config is None:
-        with replacing(dst) as tmp:
-            size, sha = write_safetensors(tmp, tensors, meta, hashes)
-            check(tmp, tensors)
-        return Written(dst, dst, size, sha)
-    with replacing(dst) as tmp:
-        tmp.mkdir()
-        _copy_side_files(source.path, tmp)
-        size, sha = write_safetensors(tmp / PEFT_WEIGHTS, tensors, meta, hashes)
-        _write_json(tmp / PEFT_CONFIG, _peft_config(source, outputs, enc))
-        check(tmp, tensors)
-    return Written(dst, dst / PEFT_WEIGHTS, size, sha)
+def _prefix(layout: Layout, meta: dict[str, str]) -> bytes:
+    return file_prefix({k: (p.dtype, p.shape, p.start, p.end) for k, p in layout.entries.items()}, meta)
 
 
-def _peft_config(source: LoraSource, outputs: dict[str, ModuleOutput], enc: Encoding) -> dict[str, object]:
-    """The input's config with r, lora_alpha and the patterns rewritten for every module."""
-    config = dict(source.peft_config or {})
-    entries = module_ranks_alphas(source, outputs, enc, rslora=bool(config.get("use_rslora")))
-    fields = lora_fields({scales.config_path(name, True): entry for name, entry in entries.items()})
-    fields.pop("target_modules")  # the input's own list (names or a regex) still selects the same layers
-    config.update(fields)
-    return config
+def _sha256(chunks: Iterable[bytes]) -> str:
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()
+
+
+class _writing:
+    """OSError while writing (a full disk, a file too large, a read-only folder) -> OutputWriteError."""
+
+    def __init__(self, dst: Path):
+        self.dst = dst
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, e: BaseException | None, _tb: object) -> None:
+        if isinstance(e, OSError):
+            raise OutputWriteError(f"{self.dst}: cannot write the output: {e.strerror or e}") from e
 
 
 def _copy_side_files(src_dir: Path, dst_dir: Path) -> None:
