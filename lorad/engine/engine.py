@@ -136,7 +136,7 @@ def _hashes_in_background(source: LoraSource) -> Future[tuple[str, str]]:
     file reads and hashlib release the GIL, so the hashing costs no wall time of its own."""
     pool = ThreadPoolExecutor(1, thread_name_prefix="lorad-hash")
     try:
-        return pool.submit(file_hashes, source.weights, source.header)
+        return pool.submit(file_hashes, source.weights, source.header.data_offset)
     finally:
         pool.shutdown(wait=False)
 

@@ -109,9 +109,11 @@ class DataSection:
 
     def copy_to(self, out_fd: int, order: list[str]) -> None:
         """Append the data section laid out in `order` to `out_fd` at its position, in the kernel where
-        it can (the bytes were checked on their way through `chunks`)."""
+        it can; where the filesystem refuses, the part copied is cut off and it all goes through
+        `chunks` instead."""
+        start = os.lseek(out_fd, 0, os.SEEK_CUR)
         try:
-            for i, key in enumerate(order):
+            for key in order:
                 p = self.placed[key]
                 at = p.start
                 while at < p.end:
@@ -122,18 +124,10 @@ class DataSection:
         except OSError as e:
             if e.errno not in _NO_COPY_RANGE:
                 raise
-            self._copy_through_memory(out_fd, order[i:], at - p.start)
-
-    def _copy_through_memory(self, out_fd: int, order: list[str], skip: int) -> None:
-        for key in order:
-            p = self.placed[key]
-            at = p.start + skip
-            skip = 0
-            while at < p.end:
-                view = memoryview(os.pread(self._fd, min(CHUNK, p.end - at), at))
-                if not view:
-                    raise OSError(errno.EIO, "the temp data section came back short")
-                at += len(view)
+            os.ftruncate(out_fd, start)
+            os.lseek(out_fd, start, os.SEEK_SET)
+            for block in self.chunks(order):
+                view = memoryview(block)
                 while view:
                     view = view[os.write(out_fd, view) :]
 

@@ -14,6 +14,7 @@ import math
 import os
 import struct
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,15 +232,20 @@ def legacy_hash(header_and_data: Iterable[bytes | memoryview]) -> str:
 # Hashes of a file on disk
 
 
-def file_hashes(path: str | os.PathLike[str], header: Header) -> tuple[str, str]:
-    """(sha256 of the file, sha256 of its data section) in one read of the file."""
+def file_hashes(path: str | os.PathLike[str], data_offset: int) -> tuple[str, str]:
+    """(sha256 of the file, sha256 of what follows its first `data_offset` bytes) in one read of
+    the file; the two hashes of each block run side by side (hashlib releases the GIL)."""
     whole, data = hashlib.sha256(), hashlib.sha256()
-    with open_regular(path) as f:
-        head = f.read(header.data_offset)
-        whole.update(head)
+    with open_regular(path) as f, ThreadPoolExecutor(1, thread_name_prefix="lorad-hash") as pool:
+        whole.update(f.read(data_offset))
+        pending: Future[None] | None = None
         while block := f.read(1 << 20):
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(data.update, block)
             whole.update(block)
-            data.update(block)
+        if pending is not None:
+            pending.result()
     return whole.hexdigest(), data.hexdigest()
 
 

@@ -14,8 +14,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -25,11 +25,11 @@ import torch
 from lorad._atomic import replacing
 from lorad._fileio import open_regular
 from lorad.engine.formats import detect
-from lorad.engine.formats.data_section import CHUNK, DataSection, Placed
+from lorad.engine.formats.data_section import DataSection, Placed
 from lorad.engine.formats.encode import TORCH_TO_ST, Encoding
 from lorad.engine.formats.lora import PEFT_CONFIG, PEFT_WEIGHTS, LoraSource, Module
 from lorad.engine.formats.output_metadata import Reduced, build_metadata, peft_config
-from lorad.engine.formats.safetensors_file import RawTensor, file_prefix, legacy_hash
+from lorad.engine.formats.safetensors_file import RawTensor, file_hashes, file_prefix, legacy_hash
 from lorad.errors import OutputWriteError, ReduceError
 
 _LEGACY_PLACEHOLDER = "0" * 8
@@ -184,24 +184,14 @@ class LoraWriter:
             f.flush()
             self.data.copy_to(f.fileno(), order)
             os.fsync(f.fileno())
-        whole, data = hashlib.sha256(), hashlib.sha256()
-        # the two hashes of each block run side by side (hashlib releases the GIL)
-        with open_regular(path) as f, ThreadPoolExecutor(1, thread_name_prefix="lorad-readback") as pool:
+        with open_regular(path) as f:
             head = f.read(len(prefix))
-            whole.update(head)
-            pending: Future[None] | None = None
-            while block := f.read(CHUNK):
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(data.update, block)
-                whole.update(block)
-            if pending is not None:
-                pending.result()
-        if head != prefix or data.hexdigest() != data_sha256:
+        whole, data = file_hashes(path, len(prefix))
+        if head != prefix or data != data_sha256:
             part = "header" if head != prefix else "data"
             raise ReduceError(f"refusing to publish {self.dst}: its {part} as read back from disk is not "
                               "what was written")  # fmt: skip
-        return whole.hexdigest()
+        return whole
 
     def close(self) -> None:
         self.data.close()
@@ -224,18 +214,13 @@ def _sha256(chunks: Iterable[bytes]) -> str:
     return h.hexdigest()
 
 
-class _writing:
+@contextmanager
+def _writing(dst: Path) -> Iterator[None]:
     """OSError while writing (a full disk, a file too large, a read-only folder) -> OutputWriteError."""
-
-    def __init__(self, dst: Path):
-        self.dst = dst
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, e: BaseException | None, _tb: object) -> None:
-        if isinstance(e, OSError):
-            raise OutputWriteError(f"{self.dst}: cannot write the output: {e.strerror or e}") from e
+    try:
+        yield
+    except OSError as e:
+        raise OutputWriteError(f"{dst}: cannot write the output: {e.strerror or e}") from e
 
 
 def _copy_side_files(src_dir: Path, dst_dir: Path) -> None:
